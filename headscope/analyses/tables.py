@@ -1,0 +1,148 @@
+"""Typed results of the analyses: one row per head (HeadTable) or per layer (LayerTable).
+
+Every detector returns one of these instead of a bare tensor, so that "not
+scored" is an absent row rather than a magic -1, and the threshold and
+parameters that produced a flag travel with the scores (in ``params``).
+Table-level figures such as a model's sink rate go in ``summary``.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+HEAD_COLUMNS = ("layer", "head", "score", "flagged", "evidence")
+LAYER_COLUMNS = ("layer", "score", "flagged", "evidence")
+
+
+def _check_frame(frame: pd.DataFrame, columns: tuple[str, ...], kind: str) -> pd.DataFrame:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{kind} frame lacks columns {missing}; it needs {list(columns)}")
+    frame = frame.loc[:, list(columns)].copy()
+    frame["layer"] = frame["layer"].astype("int64")
+    if "head" in columns:
+        frame["head"] = frame["head"].astype("int64")
+    frame["score"] = frame["score"].astype("float64")
+    frame["flagged"] = frame["flagged"].astype(bool)
+    return frame.reset_index(drop=True)
+
+
+def _jsonable(value: Any) -> Any:
+    """Convert numpy/torch scalars and arrays so json.dumps accepts them."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Table:
+    detector: str
+    prompt_set: str
+    frame: pd.DataFrame
+    params: Mapping[str, Any] = field(default_factory=dict)
+    summary: Mapping[str, float] = field(default_factory=dict)
+    description: str = ""
+
+    def metadata(self) -> dict[str, Any]:
+        """Everything but the rows, as plain JSON-able values (for run manifests)."""
+        return {
+            "detector": self.detector,
+            "prompt_set": self.prompt_set,
+            "params": _jsonable(dict(self.params)),
+            "summary": _jsonable(dict(self.summary)),
+            "description": self.description,
+        }
+
+    def flagged(self) -> pd.DataFrame:
+        return self.frame[self.frame["flagged"]].sort_values("score", ascending=False)
+
+    def top(self, n: int = 5) -> pd.DataFrame:
+        return self.frame.sort_values("score", ascending=False).head(n)
+
+    def _repr_html_(self) -> str:
+        summary = ", ".join(f"{k} = {v:.4g}" for k, v in self.summary.items())
+        head = (
+            f"<b>{html.escape(self.detector)}</b> on <i>{html.escape(self.prompt_set)}</i>"
+            f" ({int(self.frame['flagged'].sum())} flagged of {len(self.frame)})"
+            + (f"<br>{html.escape(summary)}" if summary else "")
+        )
+        return head + self.top(10).drop(columns=["evidence"]).to_html(index=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeadTable(_Table):
+    """Scores of one detector on one prompt set: a row per (layer, head).
+
+    ``frame`` columns: layer, head, score (float), flagged (bool), evidence
+    (a dict per row with the numbers behind the score).
+    """
+
+    n_layers: int
+    n_heads: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "frame", _check_frame(self.frame, HEAD_COLUMNS, "HeadTable"))
+
+    def matrix(self) -> np.ndarray:
+        """Scores as a [layer, head] array; NaN where a head has no row."""
+        out = np.full((self.n_layers, self.n_heads), np.nan)
+        out[self.frame["layer"].to_numpy(), self.frame["head"].to_numpy()] = self.frame["score"]
+        return out
+
+    def score(self, layer: int, head: int) -> float:
+        row = self.frame[(self.frame["layer"] == layer) & (self.frame["head"] == head)]
+        if row.empty:
+            raise KeyError(f"no row for L{layer}H{head} in {self.detector}")
+        return float(row["score"].iloc[0])
+
+    @classmethod
+    def from_matrix(
+        cls,
+        scores: np.ndarray,
+        flagged: np.ndarray,
+        evidence: list[dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> HeadTable:
+        """Build a table from [layer, head] arrays of scores and flags."""
+        scores = np.asarray(scores, dtype=np.float64)
+        n_layers, n_heads = scores.shape
+        layers, heads = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
+        frame = pd.DataFrame(
+            {
+                "layer": layers.ravel(),
+                "head": heads.ravel(),
+                "score": scores.ravel(),
+                "flagged": np.asarray(flagged, dtype=bool).ravel(),
+                "evidence": evidence if evidence is not None else [{}] * scores.size,
+            }
+        )
+        return cls(frame=frame, n_layers=n_layers, n_heads=n_heads, **kwargs)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerTable(_Table):
+    """Scores of one detector on one prompt set: a row per layer."""
+
+    n_layers: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "frame", _check_frame(self.frame, LAYER_COLUMNS, "LayerTable"))
+
+
+def evidence_to_json(evidence: Any) -> str:
+    return json.dumps(_jsonable(evidence), sort_keys=True)
+
+
+def evidence_from_json(text: str) -> dict[str, Any]:
+    return json.loads(text) if text else {}
