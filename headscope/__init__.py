@@ -1,0 +1,48 @@
+"""headscope: an attention-head microscope.
+
+Public API (imported lazily, so ``import headscope`` stays cheap)::
+
+    import headscope
+    handle = headscope.load_model("smollm2-135m")
+    result = headscope.scan(handle, prompts=("prose", "random-repeat"), out="runs/demo")
+    run = headscope.open_run("runs/demo")
+    run.head_table("induction", "random-repeat").top(5)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_model": "headscope.probes.models",
+    "available_models": "headscope.probes.models",
+    "ModelHandle": "headscope.probes.models",
+    "ArchInfo": "headscope.probes.models",
+    "scan": "headscope.scan",
+    "ScanConfig": "headscope.scan",
+    "ScanResult": "headscope.scan",
+    "open_run": "headscope.runs",
+    "list_runs": "headscope.runs",
+    "Run": "headscope.runs",
+    "get_prompt_set": "headscope.data",
+    "PromptSet": "headscope.data",
+    "HeadTable": "headscope.analyses",
+    "LayerTable": "headscope.analyses",
+    "detector_names": "headscope.analyses",
+    "HeadscopeError": "headscope.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'headscope' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

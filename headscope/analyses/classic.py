@@ -1,0 +1,89 @@
+"""Previous-token, duplicate-token and induction heads (METHODS §3).
+
+Scores are TransformerLens ``head_detector``'s "mul" measure, Σ(A'⊙P) / ΣA'
+per prompt, averaged over prompts, where P is the detection pattern and A' the
+attention pattern with column 0 (``exclude_bos``) and/or the diagonal
+(``exclude_current_token``) zeroed. They are computed from the probe's stored
+sums (see ``probes.patterns``), and a test holds them equal to TransformerLens's
+own ``detect_head`` on the same model and prompts.
+
+The flag threshold (default 0.4) is ours: TransformerLens reports scores only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from headscope.analyses.tables import HeadTable
+from headscope.probes.patterns import PatternStatistics, classic_score
+
+DEFAULT_THRESHOLD = 0.4
+
+
+def classic_head_scores(
+    stats: PatternStatistics, kind: str, *, exclude_bos: bool, exclude_current_token: bool
+) -> np.ndarray:
+    """Per-prompt scores [prompt, layer, head] of ``kind``."""
+    return classic_score(
+        stats.classic_sums,
+        kind,
+        exclude_bos=exclude_bos,
+        exclude_current_token=exclude_current_token,
+    ).numpy()
+
+
+def _detect(
+    kind: str,
+    stats: PatternStatistics,
+    *,
+    threshold: float,
+    exclude_bos: bool,
+    exclude_current_token: bool,
+) -> HeadTable:
+    per_prompt = classic_head_scores(
+        stats, kind, exclude_bos=exclude_bos, exclude_current_token=exclude_current_token
+    )
+    mean = per_prompt.mean(0)
+    spread = per_prompt.std(0)
+    evidence = [
+        {"sd_over_prompts": float(spread[layer, head]), "n_prompts": stats.n_prompts}
+        for layer in range(stats.n_layers)
+        for head in range(stats.n_heads)
+    ]
+    return HeadTable.from_matrix(
+        mean,
+        mean > threshold,
+        evidence,
+        detector=kind,
+        prompt_set=stats.prompt_set,
+        params={
+            "threshold": threshold,
+            "exclude_bos": exclude_bos,
+            "exclude_current_token": exclude_current_token,
+            "error_measure": "mul",
+        },
+        summary={"n_flagged": int((mean > threshold).sum()), "max_score": float(mean.max())},
+        description=f"TransformerLens 'mul' {kind} score, mean over prompts",
+    )
+
+
+def detect_previous_token(stats: PatternStatistics, **params) -> HeadTable:
+    """Heads attending to the token just before the query."""
+    return _detect("previous_token", stats, **params)
+
+
+def detect_duplicate_token(stats: PatternStatistics, **params) -> HeadTable:
+    """Heads attending to earlier copies of the query token."""
+    return _detect("duplicate_token", stats, **params)
+
+
+def detect_induction(stats: PatternStatistics, **params) -> HeadTable:
+    """Heads attending to the token after an earlier copy of the query token."""
+    return _detect("induction", stats, **params)
+
+
+CLASSIC_DEFAULTS = {
+    "threshold": DEFAULT_THRESHOLD,
+    "exclude_bos": False,
+    "exclude_current_token": False,
+}

@@ -1,0 +1,159 @@
+"""The ``headscope`` command line: parse, call the Python API, print with rich.
+
+Every user error surfaces as a HeadscopeError: one line on stderr, exit code 1,
+no traceback (set HEADSCOPE_DEBUG=1 to see it).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from headscope.errors import HeadscopeError
+
+app = typer.Typer(
+    name="headscope",
+    help="An attention-head microscope: scan a model, detect head roles, report.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+errors = Console(stderr=True)
+
+
+def _fail(err: Exception) -> None:
+    if os.environ.get("HEADSCOPE_DEBUG"):
+        raise err
+    errors.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+def models() -> None:
+    """List the model specs and whether each can be loaded here."""
+    from headscope.probes.models import available_models
+
+    table = Table(title="model specs")
+    for column in ("spec", "available", "description", "how"):
+        table.add_column(column)
+    for row in available_models():
+        table.add_row(row["spec"], row["available"], row["description"], row["how"])
+    console.print(table)
+
+
+@app.command()
+def scan(
+    model: Annotated[
+        str, typer.Option(help="model spec (see `headscope models`)")
+    ] = "smollm2-135m",
+    prompts: Annotated[
+        str, typer.Option(help="comma-separated built-in prompt sets or .txt/.jsonl files")
+    ] = "prose,code,random-repeat,repeated-token",
+    detectors: Annotated[str, typer.Option(help="comma-separated detectors, or 'all'")] = "all",
+    out: Annotated[Path, typer.Option(help="run folder to write")] = Path("runs/latest"),
+    force: Annotated[bool, typer.Option(help="replace an existing run at --out")] = False,
+    n_prompts: Annotated[int | None, typer.Option(help="prompts per built-in set")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="tokens per prompt, BOS included")] = None,
+    batch_size: Annotated[int, typer.Option(help="prompts per forward pass")] = 16,
+    device: Annotated[str, typer.Option(help="torch device")] = "cpu",
+    report: Annotated[bool, typer.Option(help="print the report when done")] = True,
+) -> None:
+    """Scan a model on prompt sets, run detectors and write a run folder."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from headscope.report import build_report
+    from headscope.scan import scan as run_scan
+
+    try:
+        with Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=errors,
+            transient=False,
+        ) as progress:
+            tasks: dict[str, int] = {}
+
+            def on_progress(name: str, done: int, total: int) -> None:
+                if name not in tasks:
+                    tasks[name] = progress.add_task(f"scan {name}", total=total)
+                progress.update(tasks[name], completed=done)
+
+            result = run_scan(
+                model,
+                prompts=prompts,
+                detectors=None if detectors == "all" else detectors,
+                n_prompts=n_prompts,
+                seq_len=seq_len,
+                batch_size=batch_size,
+                device=device,
+                out=out,
+                force=force,
+                on_progress=on_progress,
+            )
+    except HeadscopeError as err:
+        _fail(err)
+    timing = result.manifest["timing"]
+    console.print(
+        f"wrote run [bold]{result.path}[/] in {timing['total_s']:.1f} s "
+        f"(model load {timing['model_load_s']:.1f} s)"
+    )
+    if report:
+        console.print(build_report(result.manifest, result.head_tables))
+
+
+@app.command()
+def report(
+    run: Annotated[Path, typer.Argument(help="run folder")],
+    top: Annotated[int, typer.Option(help="heads shown per role")] = 5,
+) -> None:
+    """Print the top heads per role and the sink rates of a run."""
+    from headscope.report import build_report
+    from headscope.runs import open_run
+
+    try:
+        opened = open_run(run)
+        console.print(build_report(opened.manifest, opened.head_tables(), top=top))
+    except HeadscopeError as err:
+        _fail(err)
+
+
+@app.command()
+def runs(
+    root: Annotated[Path, typer.Argument(help="folder holding runs")] = Path("runs"),
+) -> None:
+    """List the runs under a folder, newest first."""
+    from headscope.runs import list_runs
+
+    found = list_runs(root)
+    if not found:
+        console.print(f"no runs under {root}")
+        return
+    table = Table(title=f"runs under {root}")
+    for column in ("name", "model", "created", "prompt sets", "detectors"):
+        table.add_column(column)
+    for summary in found:
+        table.add_row(
+            summary.name,
+            summary.model,
+            str(summary.created),
+            ", ".join(summary.prompt_sets),
+            ", ".join(summary.detectors),
+        )
+    console.print(table)
+
+
+def main() -> None:  # pragma: no cover - console entry point convenience
+    sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

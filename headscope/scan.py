@@ -1,0 +1,224 @@
+"""``scan``: model + prompt sets + detectors -> tables, and a run on disk.
+
+Everything a user can get wrong (detector names, prompt-set names, the output
+folder) is checked before the model is loaded, so a bad call fails in a second
+and leaves nothing behind; the run itself is written atomically by
+``headscope.runs``.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from headscope.analyses import HeadTable, resolve_detectors
+from headscope.data import get_prompt_set
+from headscope.errors import HeadscopeError
+from headscope.probes.models import DEFAULT_MODEL, ModelHandle, load_model
+from headscope.probes.patterns import DEFAULT_SINK_KEYS, PatternStatistics, probe_patterns
+
+DEFAULT_PROMPT_SETS = ("prose", "code", "random-repeat", "repeated-token")
+
+#: on_progress(prompt_set, prompts_done, prompts_total)
+ProgressCallback = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScanConfig:
+    """What a scan does; the CLI and the dashboard are thin layers over this."""
+
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "model spec (headscope models)"})
+    prompts: tuple[str, ...] = field(
+        default=DEFAULT_PROMPT_SETS,
+        metadata={"help": "built-in prompt set names or prompt files (.txt / .jsonl)"},
+    )
+    detectors: tuple[str, ...] | None = field(
+        default=None, metadata={"help": "detector names; None runs every registered detector"}
+    )
+    n_prompts: int | None = field(
+        default=None, metadata={"help": "override the number of prompts of every built-in set"}
+    )
+    seq_len: int | None = field(
+        default=None, metadata={"help": "override the tokens per prompt (BOS included)"}
+    )
+    batch_size: int = field(default=16, metadata={"help": "prompts per forward pass"})
+    n_sink_keys: int = field(
+        default=DEFAULT_SINK_KEYS, metadata={"help": "first keys whose per-prompt α_k is kept"}
+    )
+    device: str = field(default="cpu", metadata={"help": "torch device"})
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise HeadscopeError(f"batch size must be at least 1, got {self.batch_size}")
+        if not self.prompts:
+            raise HeadscopeError("no prompt set given; e.g. --prompts prose,random-repeat")
+
+
+@dataclass(kw_only=True)
+class ScanResult:
+    """In-memory result of a scan; ``path`` is set when it was also written as a run."""
+
+    manifest: dict[str, Any]
+    head_tables: list[HeadTable]
+    stats: dict[str, PatternStatistics]
+    path: Path | None = None
+
+    def head_table(self, detector: str, prompt_set: str | None = None) -> HeadTable:
+        for table in self.head_tables:
+            if table.detector == detector and prompt_set in (None, table.prompt_set):
+                return table
+        raise HeadscopeError(f"no table for detector '{detector}' on prompt set '{prompt_set}'")
+
+    def _repr_html_(self) -> str:
+        model = self.manifest["model"]["spec"]
+        parts = [f"<h4>headscope scan of {model}</h4>"]
+        parts += [table._repr_html_() for table in self.head_tables]
+        return "\n".join(parts)
+
+
+def _tqdm_progress() -> ProgressCallback:
+    from tqdm.auto import tqdm
+
+    bars: dict[str, Any] = {}
+
+    def update(name: str, done: int, total: int) -> None:
+        bar = bars.get(name)
+        if bar is None:
+            bar = bars[name] = tqdm(total=total, desc=f"scan {name}", unit="prompt")
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return update
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for package in ("headscope", "torch", "transformers", "transformer-lens"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "unknown"
+    return found
+
+
+def scan(
+    model: str | ModelHandle | None = None,
+    *,
+    config: ScanConfig | None = None,
+    out: str | Path | None = None,
+    force: bool = False,
+    on_progress: ProgressCallback | None | bool = True,
+    **overrides: Any,
+) -> ScanResult:
+    """Probe ``model`` on prompt sets, run detectors, optionally write a run to ``out``.
+
+    ``overrides`` are ScanConfig fields (``prompts=("prose",)``, ``detectors=...``).
+    ``on_progress``: True for tqdm bars, False/None for silence, or a callback.
+    """
+    from headscope.runs import check_output_path, write_run
+
+    if isinstance(overrides.get("prompts"), str):
+        overrides["prompts"] = tuple(p.strip() for p in overrides["prompts"].split(",") if p)
+    if isinstance(overrides.get("detectors"), str):
+        overrides["detectors"] = tuple(d.strip() for d in overrides["detectors"].split(",") if d)
+    if isinstance(model, str):
+        overrides["model"] = model
+    config = ScanConfig(**{**(asdict(config) if config else {}), **overrides})
+    detectors = resolve_detectors(list(config.detectors) if config.detectors else None)
+    prompt_sets = [
+        get_prompt_set(name, n_prompts=config.n_prompts, seq_len=config.seq_len)
+        for name in dict.fromkeys(config.prompts)
+    ]
+    out_path = check_output_path(out, force=force) if out is not None else None
+    if on_progress is True:
+        on_progress = _tqdm_progress()
+    elif on_progress is False:
+        on_progress = None
+
+    started = time.perf_counter()
+    handle = (
+        model if isinstance(model, ModelHandle) else load_model(config.model, device=config.device)
+    )
+    timing: dict[str, float] = {"model_load_s": round(handle.load_seconds, 3)}
+    tokenized = {
+        ps.name: ps.tokenize(
+            handle.tokenizer,
+            bos_token_id=handle.arch.bos_token_id if handle.arch.prepend_bos else None,
+        )
+        for ps in prompt_sets
+    }
+    stats: dict[str, PatternStatistics] = {}
+    for prompt_set in prompt_sets:
+        prompts = tokenized[prompt_set.name]
+        done = 0
+
+        def advance(n: int, name: str = prompt_set.name, total: int = len(prompts)) -> None:
+            nonlocal done
+            done += n
+            if on_progress is not None:
+                on_progress(name, done, total)
+
+        t0 = time.perf_counter()
+        stats[prompt_set.name] = probe_patterns(
+            handle,
+            prompts,
+            batch_size=config.batch_size,
+            n_sink_keys=config.n_sink_keys,
+            on_batch=advance,
+        )
+        timing[f"probe_{prompt_set.name}_s"] = round(time.perf_counter() - t0, 3)
+
+    tables = [detector.run(stats[name]) for detector in detectors for name in stats]
+    timing["total_s"] = round(time.perf_counter() - started, 3)
+    manifest = {
+        "kind": "scan",
+        "model": {**handle.describe(), "cache_hit": handle.cache_hit},
+        "prompt_sets": [
+            {
+                "name": ps.name,
+                "description": ps.description,
+                "content_hash": ps.content_hash,
+                "token_hash": tokenized[ps.name].token_hash,
+                "n_prompts": len(tokenized[ps.name]),
+                "lengths": sorted(set(tokenized[ps.name].lengths)),
+                "bos_prepended": tokenized[ps.name].bos_prepended,
+            }
+            for ps in prompt_sets
+        ],
+        "detectors": [
+            {"name": d.name, "role": d.role, "primary_prompt_set": d.primary_prompt_set}
+            for d in detectors
+        ],
+        "config": {k: v for k, v in asdict(config).items()},
+        "capture": "transformer_lens bridge hook_pattern, reduced per layer",
+        "timing": timing,
+        "environment": _versions(),
+    }
+    result = ScanResult(manifest=manifest, head_tables=tables, stats=stats)
+    if out_path is not None:
+        tensors = {
+            f"{name}/{key}": value
+            for name, s in stats.items()
+            for key, value in s.tensors().items()
+        }
+        samples = {
+            name: {"tokens": s.sample_tokens, "patterns": s.sample_patterns}
+            for name, s in stats.items()
+            if s.sample_patterns is not None
+        }
+        result.path = write_run(
+            out_path,
+            manifest=manifest,
+            head_tables=tables,
+            tensors=tensors,
+            samples=samples,
+            force=force,
+        )
+    return result

@@ -1,0 +1,26 @@
+"""Shared fixtures. Models are loaded once per session, never at import time."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    from headscope.probes.models import load_model
+
+    return load_model("tiny:llama")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The bundled SmolLM2-135M-Instruct (converted once into the user cache)."""
+    from headscope.probes.models import load_model
+
+    return load_model("smollm2-135m")

@@ -1,0 +1,97 @@
+"""The science on the bundled SmolLM2-135M-Instruct: scores equal TransformerLens's,
+sink scores equal those from HF eager attention, and the weight cache works."""
+
+from __future__ import annotations
+
+import pydoc_data.topics
+import time
+
+import pytest
+import torch
+from transformer_lens import head_detector
+
+from headscope.data import TokenizedPrompts
+from headscope.probes.models import load_model
+from headscope.probes.patterns import classic_score, probe_patterns, sink_scores
+from headscope.scan import scan
+
+pytestmark = pytest.mark.model
+
+
+def _prose_texts(n: int) -> list[str]:
+    topics = pydoc_data.topics.topics
+    return [" ".join(topics[key].split())[:240] for key in sorted(topics)[:n]]
+
+
+def _repeated_words(n: int) -> list[str]:
+    generator = torch.Generator().manual_seed(0)
+    words = "apple river stone cloud green silver window music garden candle orbit velvet".split()
+    texts = []
+    for _ in range(n):
+        picks = [words[i] for i in torch.randint(0, len(words), (10,), generator=generator)]
+        texts.append(" ".join(picks + picks))
+    return texts
+
+
+@pytest.mark.parametrize(
+    ("exclude_bos", "exclude_current_token"), [(False, False), (True, False), (True, True)]
+)
+def test_classic_scores_equal_transformer_lens(smollm2, exclude_bos, exclude_current_token):
+    texts = _prose_texts(4) + _repeated_words(4)
+    tokens = tuple(smollm2.bridge.to_tokens(text)[0] for text in texts)
+    prompts = TokenizedPrompts(name="t", prompt_set_hash="t", tokens=tokens, bos_prepended=True)
+    stats = probe_patterns(smollm2, prompts, batch_size=4)
+    for kind in ("previous_token", "duplicate_token", "induction"):
+        ours = classic_score(
+            stats.classic_sums,
+            kind,
+            exclude_bos=exclude_bos,
+            exclude_current_token=exclude_current_token,
+        ).mean(0)
+        theirs = head_detector.detect_head(
+            smollm2.bridge,
+            texts,
+            f"{kind}_head",
+            exclude_bos=exclude_bos,
+            exclude_current_token=exclude_current_token,
+        )
+        assert ours.shape == (30, 9)
+        assert (ours - theirs.double()).abs().max() <= 1e-5, kind
+        assert ours.max() > 0.3, f"no head of smollm2 scores above 0.3 as {kind}"
+
+
+def test_first_token_sink_scan_matches_eager_attention(smollm2, tmp_path):
+    result = scan(
+        smollm2,
+        prompts=("prose",),
+        detectors=("first_token_sink",),
+        out=tmp_path / "run",
+        on_progress=False,
+    )
+    table = result.head_table("first_token_sink", "prose")
+    assert table.summary["n_prompts"] >= 100
+    assert len(table.frame) == 30 * 9
+    assert 0.0 <= table.summary["sink_rate"] <= 100.0
+    stats = result.stats["prose"]
+    assert set(stats.lengths) == {64}
+    # An independent path: HF eager attention probabilities of the first prompt.
+    tokens = stats.sample_tokens[None]
+    with torch.inference_mode():
+        attentions = smollm2.model(tokens, output_attentions=True).attentions
+    direct = torch.stack([sink_scores(a, causal=True)[0, :, 0] for a in attentions])
+    assert torch.allclose(stats.sink_alpha[0, :, :, 0], direct, atol=1e-4)
+    assert (result.path / "heads.parquet").is_file()
+
+
+def test_weight_cache_cold_then_warm(tmp_path, monkeypatch):
+    monkeypatch.setenv("HEADSCOPE_CACHE", str(tmp_path))
+    cold = load_model("smollm2-135m")
+    assert cold.cache_hit is False
+    start = time.perf_counter()
+    warm = load_model("smollm2-135m")
+    warm_seconds = time.perf_counter() - start
+    assert warm.cache_hit is True
+    assert warm_seconds < 5.0, f"warm load took {warm_seconds:.1f} s"
+    tokens = warm.tokenizer("Attention sinks are", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        assert torch.equal(cold.model(tokens).logits, warm.model(tokens).logits)
