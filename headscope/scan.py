@@ -8,7 +8,6 @@ and leaves nothing behind; the run itself is written atomically by
 
 from __future__ import annotations
 
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -94,18 +93,6 @@ def _tqdm_progress() -> ProgressCallback:
             bar.close()
 
     return update
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {"python": platform.python_version()}
-    for package in ("headscope", "torch", "transformers", "transformer-lens"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            found[package] = "unknown"
-    return found
 
 
 def scan(
@@ -199,7 +186,6 @@ def scan(
         "config": {k: v for k, v in asdict(config).items()},
         "capture": "transformer_lens bridge hook_pattern, reduced per layer",
         "timing": timing,
-        "environment": _versions(),
     }
     result = ScanResult(manifest=manifest, head_tables=tables, stats=stats)
     if out_path is not None:

@@ -98,10 +98,13 @@ class ModelHandle:
 
     @property
     def bridge(self):
-        """TransformerLens TransformerBridge wrapping ``self.model`` (no weight copy).
+        """TransformerLens TransformerBridge over the same weights (built on first use).
 
-        Built on first use. Building it switches the HF module to eager
-        attention, which the bridge needs to expose ``hook_pattern``.
+        The bridge replaces attention submodules with its own components and
+        switches attention to eager, in place. It therefore wraps a twin of
+        ``self.model`` whose module tree is new but whose parameters and
+        buffers are the very same tensors: no weight is copied, and the HF
+        module keeps its own (fast) attention and structure.
         """
         if self._bridge is None:
             from transformer_lens.model_bridge import TransformerBridge
@@ -109,7 +112,7 @@ class ModelHandle:
             name = getattr(self.model.config, "_name_or_path", "") or self.spec
             self._bridge = TransformerBridge.boot_transformers(
                 name,
-                hf_model=self.model,
+                hf_model=_weight_sharing_twin(self.model),
                 tokenizer=_tokenizer_for_bridge(self.tokenizer),
                 device=str(self.device),
             )
@@ -124,6 +127,15 @@ class ModelHandle:
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
         }
+
+
+def _weight_sharing_twin(model: Any) -> Any:
+    """A deep copy of ``model`` that shares every parameter and buffer tensor."""
+    import copy
+    import itertools
+
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo=shared)
 
 
 def _tokenizer_for_bridge(tokenizer: Any) -> Any:

@@ -74,10 +74,12 @@ def test_first_token_sink_scan_matches_eager_attention(smollm2, tmp_path):
     assert 0.0 <= table.summary["sink_rate"] <= 100.0
     stats = result.stats["prose"]
     assert set(stats.lengths) == {64}
-    # An independent path: HF eager attention probabilities of the first prompt.
-    tokens = stats.sample_tokens[None]
+    # An independent path: HF eager attention probabilities of the first prompt,
+    # from a second load of the model that never had a bridge built over it.
+    eager = load_model("smollm2-135m")
+    eager.model.set_attn_implementation("eager")
     with torch.inference_mode():
-        attentions = smollm2.model(tokens, output_attentions=True).attentions
+        attentions = eager.model(stats.sample_tokens[None], output_attentions=True).attentions
     direct = torch.stack([sink_scores(a, causal=True)[0, :, 0] for a in attentions])
     assert torch.allclose(stats.sink_alpha[0, :, :, 0], direct, atol=1e-4)
     assert (result.path / "heads.parquet").is_file()

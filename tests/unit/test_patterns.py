@@ -8,6 +8,7 @@ from transformer_lens import head_detector
 from transformer_lens import head_detector as tl
 
 from headscope.data import TokenizedPrompts
+from headscope.probes.models import load_model
 from headscope.probes.patterns import (
     CLASSIC_KINDS,
     classic_parts,
@@ -131,9 +132,9 @@ def test_probe_keeps_per_prompt_sink_scores_and_a_sample(tiny_llama):
     assert stats.sample_patterns.shape == (2, 4, length, length)
     rows = stats.sample_patterns.float().sum(-1)
     assert torch.allclose(rows, torch.ones_like(rows), atol=2e-3)
+    eager = load_model("tiny:llama")  # seeded: the same weights, an independent path
+    eager.model.set_attn_implementation("eager")
     with torch.inference_mode():
-        attentions = tiny_llama.model(
-            prompts.tokens[2][None], output_attentions=True
-        ).attentions  # eager attention, an independent path to the same patterns
+        attentions = eager.model(prompts.tokens[2][None], output_attentions=True).attentions
     direct = sink_scores(attentions[1], causal=True)[0, :, :4]
     assert torch.allclose(stats.sink_alpha[2, 1], direct, atol=1e-6)
