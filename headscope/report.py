@@ -51,7 +51,9 @@ def _top_heads(table: HeadTable, n: int) -> Table:
     for column in ("head", "score", "flagged"):
         out.add_column(column, justify="right" if column == "score" else "left")
     for _, row in table.top(n).iterrows():
-        out.add_row(f"L{row.layer}H{row.head}", f"{row.score:.4f}", "yes" if row.flagged else "")
+        out.add_row(
+            f"L{row['layer']}H{row['head']}", f"{row['score']:.4f}", "yes" if row["flagged"] else ""
+        )
     return out
 
 

@@ -57,7 +57,8 @@ def test_classic_scores_equal_transformer_lens(smollm2, exclude_bos, exclude_cur
         )
         assert ours.shape == (30, 9)
         assert (ours - theirs.double()).abs().max() <= 1e-5, kind
-        assert ours.max() > 0.3, f"no head of smollm2 scores above 0.3 as {kind}"
+        # the comparison is not between near-zero scores: some head does the job
+        assert ours.max() > 0.15, f"no head of smollm2 scores above 0.15 as {kind}"
 
 
 def test_first_token_sink_scan_matches_eager_attention(smollm2, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -40,6 +41,9 @@ def test_scan_report_and_runs(tmp_path):
     assert "first_token_sink" in result.stdout and "induction" in result.stdout
     report = invoke("report", out)
     assert report.exit_code == 0 and "Sink_1" in report.stdout
+    head_names = re.findall(r"L(\d+)H(\d+)\s", report.stdout)
+    assert len(head_names) >= 5 * 4  # top 5 of each of the four detectors
+    assert all(int(layer) < 2 and int(head) < 4 for layer, head in head_names)
     listing = invoke("runs", tmp_path / "runs")
     assert listing.exit_code == 0 and "tiny" in listing.stdout
     models = invoke("models")
