@@ -114,14 +114,31 @@ def scan(
 def report(
     run: Annotated[Path, typer.Argument(help="run folder")],
     top: Annotated[int, typer.Option(help="heads shown per role")] = 5,
+    matrix: Annotated[
+        str | None,
+        typer.Option(help="instead, print every head's score of this detector as a grid"),
+    ] = None,
+    prompt_set: Annotated[
+        str | None, typer.Option(help="prompt set for --matrix (default: the detector's own)")
+    ] = None,
+    markdown: Annotated[bool, typer.Option(help="print --matrix as Markdown")] = False,
 ) -> None:
     """Print the top heads per role and the sink rates of a run."""
-    from headscope.report import build_report
+    from headscope.report import build_report, score_matrix
     from headscope.runs import open_run
 
     try:
         opened = open_run(run)
-        console.print(build_report(opened.manifest, opened.head_tables(), top=top))
+        if matrix is None:
+            console.print(build_report(opened.manifest, opened.head_tables(), top=top))
+            return
+        grid = score_matrix(
+            opened.head_table(matrix, prompt_set), markdown=markdown, digits=3 if markdown else 2
+        )
+        if markdown:
+            print(grid)
+        else:
+            console.print(grid)
     except HeadscopeError as err:
         _fail(err)
 

@@ -7,9 +7,11 @@ is defined, e.g. induction on repeated random tokens).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
@@ -18,7 +20,9 @@ from headscope.analyses.tables import HeadTable
 
 
 def _sink_rates(tables: Sequence[HeadTable]) -> Table:
-    table = Table(title="First-token sink rate Sink_1^eps (% of heads with alpha_0 > eps)")
+    table = Table(
+        title="First-token sink rate Sink_1^eps (% of heads with alpha_0 > eps)", min_width=60
+    )
     for column in (
         "prompt set",
         "eps",
@@ -46,7 +50,8 @@ def _sink_rates(tables: Sequence[HeadTable]) -> Table:
 def _top_heads(table: HeadTable, n: int) -> Table:
     out = Table(
         title=f"{table.detector} on {table.prompt_set}: top {n} "
-        f"({int(table.frame['flagged'].sum())} of {len(table.frame)} flagged)"
+        f"({int(table.frame['flagged'].sum())} of {len(table.frame)} flagged)",
+        min_width=60,
     )
     for column in ("head", "score", "flagged"):
         out.add_column(column, justify="right" if column == "score" else "left")
@@ -79,3 +84,40 @@ def build_report(manifest: dict[str, Any], tables: Sequence[HeadTable], *, top: 
         lead = next((t for t in own if t.prompt_set == primary.get(detector)), own[0])
         parts.append(_top_heads(lead, top))
     return Group(*parts)
+
+
+def score_matrix(table: HeadTable, *, markdown: bool = False, digits: int = 3) -> Table | str:
+    """All scores of one table as a layer x head grid (flagged heads starred).
+
+    ``markdown=True`` returns GitHub-flavoured Markdown text (for READMEs and
+    notes) instead of a rich Table.
+    """
+    grid = table.matrix()
+    flags = np.zeros_like(grid, dtype=bool)
+    flagged = table.frame[table.frame["flagged"]]
+    flags[flagged["layer"].to_numpy(), flagged["head"].to_numpy()] = True
+    header = ["layer"] + [f"H{h}" for h in range(table.n_heads)]
+
+    def cell(layer: int, head: int) -> str:
+        value = grid[layer, head]
+        text = "" if np.isnan(value) else f"{value:.{digits}f}"
+        return text + ("*" if flags[layer, head] else "")
+
+    rows = [
+        [f"L{layer}"] + [cell(layer, h) for h in range(table.n_heads)]
+        for layer in range(table.n_layers)
+    ]
+    title = (
+        f"{table.detector} on {table.prompt_set}, per head "
+        f"(* = flagged: {json.dumps(dict(table.params))})"
+    )
+    if markdown:
+        lines = [f"| {' | '.join(header)} |", "|" + "---|" * len(header)]
+        lines += [f"| {' | '.join(row)} |" for row in rows]
+        return title + "\n\n" + "\n".join(lines)
+    out = Table(title=title)
+    for column in header:
+        out.add_column(column, justify="right")
+    for row in rows:
+        out.add_row(*row)
+    return out
