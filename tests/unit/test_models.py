@@ -96,3 +96,21 @@ def test_folder_without_config(tmp_path):
 
 def test_arch_info_is_json_serialisable(tiny_llama):
     assert json.loads(json.dumps(tiny_llama.describe()))["arch"]["n_kv_heads"] == 2
+
+
+def test_a_corrupt_weight_cache_entry_is_dropped_not_fatal(tmp_path, monkeypatch):
+    from headscope.probes import models
+
+    monkeypatch.setenv("HEADSCOPE_CACHE", str(tmp_path))
+    entry = tmp_path / "models" / "some-key"
+    handle = load_model("tiny:llama")
+    handle.model.save_pretrained(entry)
+    handle.tokenizer.save_pretrained(entry)
+    (entry / models.CACHE_MARKER).write_text(json.dumps({"format": models.CACHE_FORMAT}))
+    model, _ = models._read_cache("some-key")
+    assert model.config.num_hidden_layers == 2
+    (entry / "model.safetensors").write_bytes(b"\x00" * 64)
+    assert models._read_cache("some-key") is None
+    assert not entry.exists()
+    (tmp_path / "models" / "no-marker").mkdir()
+    assert models._read_cache("no-marker") is None

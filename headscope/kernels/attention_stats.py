@@ -1,0 +1,295 @@
+"""Per-head attention statistics without keeping the T x T attention matrix.
+
+Inputs are the attention's own Q [batch, head, query_pos, d_head] (RoPE already
+applied) and K [batch, kv_head, key_pos, d_head]; GQA is native: query head h
+reads KV head h // (head / kv_head), and K is never repeated.
+
+Pass 1, per (batch, head, query row i), from the row's scores s_ij (METHODS §1):
+``lse`` (log-sum-exp), ``entropy`` (nats), ``max_prob``, ``sink_mass``
+(Σ_{j<sink_width} A_ij) and ``mean_distance`` (Σ_j A_ij |pos_i − j|).
+Pass 2, per key j: ``received`` = Σ_i A_ij (column sums), per query head, and
+``received_per_kv`` summed over the query heads sharing a KV head.
+
+Masking rules, shared by every implementation:
+- queries are the last ``query_pos`` positions of the keys (pos_i = i + T_k − T_q);
+- ``causal``: key j is visible to query i when j ≤ pos_i;
+- ``window`` W: only keys with pos_i − j < W (causal) or |pos_i − j| < W are visible;
+- ``key_padding_mask`` [batch, key_pos] (True = real token) hides padded keys, and
+  for self-attention (T_q == T_k) also drops padded *queries*;
+- a row that sees no key is "fully masked": lse = −inf, every other statistic 0,
+  and it adds nothing to ``received``. No NaN anywhere.
+
+Three implementations sit behind ``attention_stats``: ``reference_attention_stats``
+(materializes everything in float64; tests only), ``chunked_attention_stats``
+(CPU: query blocks, never more than block x visible keys of scores, fully
+masked causal blocks skipped; it can also produce the attention output from the
+same scores so a forward pays for QK^T once) and the Triton kernels of
+``triton_attention_stats`` (CUDA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+PASS1_FIELDS = ("lse", "entropy", "max_prob", "sink_mass", "mean_distance")
+MASKED = -1.0e30  # finite "minus infinity": exp() gives 0 and 0 * MASKED stays 0
+
+
+@dataclass(frozen=True)
+class AttentionStats:
+    """Statistics of one attention call (float32 unless the reference made them)."""
+
+    lse: Float[Tensor, "batch head query_pos"]
+    entropy: Float[Tensor, "batch head query_pos"]
+    max_prob: Float[Tensor, "batch head query_pos"]
+    sink_mass: Float[Tensor, "batch head query_pos"]
+    mean_distance: Float[Tensor, "batch head query_pos"]
+    received: Float[Tensor, "batch head key_pos"]
+    received_per_kv: Float[Tensor, "batch kv_head key_pos"]
+
+    def as_dict(self) -> dict[str, Tensor]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+def check_inputs(
+    q: Tensor,
+    k: Tensor,
+    key_padding_mask: Tensor | None,
+    window: int | None,
+    sink_width: int,
+    v: Tensor | None = None,
+) -> tuple[int, int, int, int, int, int]:
+    """Validate shapes and dtypes; return (batch, heads, kv_heads, T_q, T_k, d_head)."""
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(
+            f"q must be [batch, head, query_pos, d_head] and k [batch, kv_head, key_pos, d_head]; "
+            f"got q {tuple(q.shape)} and k {tuple(k.shape)}"
+        )
+    batch, heads, t_q, d_head = q.shape
+    k_batch, kv_heads, t_k, k_d = k.shape
+    if k_batch != batch or k_d != d_head:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or d_head")
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads cannot share {kv_heads} KV heads evenly")
+    if t_q > t_k:
+        raise ValueError(f"more queries ({t_q}) than keys ({t_k}): queries must be the last keys")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"unsupported dtype {q.dtype}; use float32, float16 or bfloat16")
+    if k.dtype != q.dtype or k.device != q.device:
+        raise TypeError("q and k must share dtype and device")
+    if key_padding_mask is not None and (
+        key_padding_mask.shape != (batch, t_k) or key_padding_mask.dtype != torch.bool
+    ):
+        raise ValueError(f"key_padding_mask must be bool [batch={batch}, key_pos={t_k}]")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be at least 1, got {window}")
+    if sink_width < 0:
+        raise ValueError(f"sink_width must be non-negative, got {sink_width}")
+    if v is not None and (v.shape[:3] != k.shape[:3] or v.dtype != q.dtype):
+        raise ValueError(f"v {tuple(v.shape)} must match k {tuple(k.shape)} in its first 3 dims")
+    return batch, heads, kv_heads, t_q, t_k, d_head
+
+
+def visibility(
+    query_positions: Tensor, key_positions: Tensor, *, causal: bool, window: int | None
+) -> Bool[Tensor, "query_pos key_pos"]:
+    """Which (query, key) pairs the masking rules allow, ignoring padding."""
+    offset = query_positions[:, None] - key_positions[None, :]
+    visible = offset >= 0 if causal else torch.ones_like(offset, dtype=torch.bool)
+    if window is not None:
+        visible = visible & (offset.abs() < window)
+    return visible
+
+
+def query_validity(key_padding_mask: Tensor | None, t_q: int, t_k: int) -> Tensor | None:
+    """Padded queries of self-attention (T_q == T_k) are dropped; None = all valid."""
+    if key_padding_mask is None or t_q != t_k:
+        return None
+    return key_padding_mask
+
+
+def reference_attention_stats(
+    q: Tensor,
+    k: Tensor,
+    *,
+    scale: float,
+    causal: bool,
+    key_padding_mask: Tensor | None = None,
+    window: int | None = None,
+    sink_width: int = 1,
+) -> AttentionStats:
+    """Materialize the full attention matrix in float64 and read the statistics off it."""
+    batch, heads, kv_heads, t_q, t_k, _ = check_inputs(q, k, key_padding_mask, window, sink_width)
+    group = heads // kv_heads
+    k_full = k.to(torch.float64).repeat_interleave(group, dim=1)
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.to(torch.float64), k_full) * scale
+    query_pos = torch.arange(t_k - t_q, t_k, device=q.device)
+    key_pos = torch.arange(t_k, device=q.device)
+    visible = visibility(query_pos, key_pos, causal=causal, window=window)[None, None]
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask[:, None, None, :]
+    valid_rows = query_validity(key_padding_mask, t_q, t_k)
+    if valid_rows is not None:
+        visible = visible & valid_rows[:, None, :, None]
+    visible = visible.expand(batch, heads, t_q, t_k)
+    row_live = visible.any(-1)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.where(visible, torch.exp(scores - lse.unsqueeze(-1)), 0.0)
+    log_probs = torch.where(probs > 0, probs.log(), 0.0)
+    distance = (query_pos[:, None] - key_pos[None, :]).abs().to(torch.float64)
+    zero = torch.zeros((), dtype=torch.float64, device=q.device)
+    received = probs.sum(-2)
+    return AttentionStats(
+        lse=torch.where(row_live, lse, float("-inf")),
+        entropy=-(probs * log_probs).sum(-1),
+        max_prob=torch.where(row_live, probs.amax(-1), zero),
+        sink_mass=probs[..., :sink_width].sum(-1),
+        mean_distance=(probs * distance).sum(-1),
+        received=received,
+        received_per_kv=received.view(batch, kv_heads, group, t_k).sum(2),
+    )
+
+
+def _block_rows(batch: int, heads: int, t_k: int, max_block_elements: int) -> int:
+    """Query rows per block so that one block of scores stays under the budget."""
+    rows = max_block_elements // max(1, batch * heads * t_k)
+    return int(max(16, min(512, rows)))
+
+
+def chunked_attention_stats(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor | None = None,
+    *,
+    scale: float,
+    causal: bool,
+    key_padding_mask: Tensor | None = None,
+    window: int | None = None,
+    sink_width: int = 1,
+    block_rows: int | None = None,
+    max_block_elements: int = 1 << 22,
+) -> tuple[Tensor | None, AttentionStats]:
+    """Statistics (and, given ``v``, the attention output) block of queries by block.
+
+    For each block of query rows only the keys some row of the block can see
+    are scored (causal and window trimming), as one [batch, kv_head, group,
+    rows, keys] tensor: K and V are broadcast over the group, never copied.
+    Returns ``(output or None, stats)``; the output is [batch, head, query_pos,
+    d_v] in the input dtype, computed in float32 from the same probabilities.
+    """
+    batch, heads, kv_heads, t_q, t_k, d_head = check_inputs(
+        q, k, key_padding_mask, window, sink_width, v
+    )
+    group = heads // kv_heads
+    device = q.device
+    rows = block_rows or _block_rows(batch, heads, t_k, max_block_elements)
+    qf = (q.to(torch.float32) * scale).view(batch, kv_heads, group, t_q, d_head)
+    kf = k.to(torch.float32).unsqueeze(2)  # [b, kv, 1, t_k, d]
+    vf = v.to(torch.float32).unsqueeze(2) if v is not None else None
+    valid_rows = query_validity(key_padding_mask, t_q, t_k)
+    shape = (batch, kv_heads, group, t_q)
+    stats = {name: torch.zeros(shape, dtype=torch.float32, device=device) for name in PASS1_FIELDS}
+    stats["lse"].fill_(float("-inf"))
+    received = torch.zeros(batch, kv_heads, group, t_k, dtype=torch.float32, device=device)
+    output = (
+        torch.zeros(batch, kv_heads, group, t_q, v.shape[-1], dtype=torch.float32, device=device)
+        if v is not None
+        else None
+    )
+    offset = t_k - t_q
+    for start in range(0, t_q, rows):
+        stop = min(t_q, start + rows)
+        first_pos, last_pos = start + offset, stop - 1 + offset
+        key_lo = 0 if window is None else max(0, first_pos - window + 1)
+        key_hi = last_pos + 1 if causal else t_k
+        if window is not None and not causal:
+            key_hi = min(t_k, last_pos + window)
+        if key_hi <= key_lo:
+            continue
+        query_pos = torch.arange(first_pos, last_pos + 1, device=device)
+        key_pos = torch.arange(key_lo, key_hi, device=device)
+        scores = qf[..., start:stop, :] @ kf[..., key_lo:key_hi, :].transpose(-1, -2)
+        visible = visibility(query_pos, key_pos, causal=causal, window=window)
+        mask = ~visible[None, None, None]
+        if key_padding_mask is not None:
+            mask = mask | ~key_padding_mask[:, None, None, None, key_lo:key_hi]
+        if valid_rows is not None:
+            mask = mask | ~valid_rows[:, None, None, start:stop, None]
+        if mask.any():
+            scores.masked_fill_(mask, MASKED)
+        row_max = scores.amax(-1, keepdim=True)
+        live = row_max.squeeze(-1) > MASKED / 2
+        scores.sub_(row_max)  # ≤ 0 on visible keys, ≈ MASKED elsewhere
+        weights = scores.exp()  # unnormalized probabilities; 0 where masked
+        if mask.any():
+            # a fully masked row has every score equal to its max: exp(0) = 1
+            weights.masked_fill_(~live[..., None], 0.0)
+        total = weights.sum(-1)
+        safe_total = torch.where(live, total, torch.ones_like(total))
+        inv_total = torch.where(live, 1.0 / safe_total, torch.zeros_like(total))
+        centred = (weights * scores).sum(-1)  # Σ e (s − m) ≤ 0
+        if causal:
+            # |pos_i − j| = pos_i − j; measured from the block's last position,
+            # so no large offsets cancel: Σ e (last − j) / l − (last − pos_i).
+            from_last = (last_pos - key_pos).to(torch.float32)
+            distance = (weights @ from_last) * inv_total - (last_pos - query_pos).float()
+        else:
+            gaps = (query_pos[:, None] - key_pos[None, :]).abs().to(torch.float32)
+            distance = (weights * gaps).sum(-1) * inv_total
+        sink_hi = min(max(0, sink_width - key_lo), key_hi - key_lo)
+        block = slice(start, stop)
+        stats["lse"][..., block] = torch.where(
+            live, row_max.squeeze(-1) + safe_total.log(), float("-inf")
+        )
+        stats["entropy"][..., block] = torch.where(
+            live, safe_total.log() - centred * inv_total, 0.0
+        )
+        stats["max_prob"][..., block] = inv_total
+        stats["sink_mass"][..., block] = weights[..., :sink_hi].sum(-1) * inv_total
+        stats["mean_distance"][..., block] = torch.where(live, distance, 0.0)
+        received[..., key_lo:key_hi] += (inv_total.unsqueeze(-2) @ weights).squeeze(-2)
+        if output is not None:
+            output[..., block, :] = (weights @ vf[..., key_lo:key_hi, :]) * inv_total[..., None]
+    flat = {name: value.reshape(batch, heads, t_q) for name, value in stats.items()}
+    result = AttentionStats(
+        **flat,
+        received=received.reshape(batch, heads, t_k),
+        received_per_kv=received.sum(2),
+    )
+    if output is not None:
+        output = output.reshape(batch, heads, t_q, -1).to(q.dtype)
+    return output, result
+
+
+def attention_stats(
+    q: Tensor,
+    k: Tensor,
+    *,
+    scale: float,
+    causal: bool,
+    key_padding_mask: Tensor | None = None,
+    window: int | None = None,
+    sink_width: int = 1,
+    implementation: str = "auto",
+) -> AttentionStats:
+    """Dispatch: Triton on CUDA, chunked torch elsewhere ("reference" for tests)."""
+    kwargs = dict(
+        scale=scale, causal=causal, key_padding_mask=key_padding_mask, window=window,
+        sink_width=sink_width,
+    )  # fmt: skip
+    if implementation == "auto":
+        implementation = "triton" if q.is_cuda else "chunked"
+    if implementation == "reference":
+        return reference_attention_stats(q, k, **kwargs)
+    if implementation == "chunked":
+        return chunked_attention_stats(q, k, **kwargs)[1]
+    if implementation == "triton":
+        from headscope.kernels.triton_attention_stats import triton_attention_stats
+
+        return triton_attention_stats(q, k, **kwargs)
+    raise ValueError(f"unknown implementation '{implementation}': auto, reference, chunked, triton")
