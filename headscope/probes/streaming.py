@@ -1,0 +1,319 @@
+"""Streaming probe: per-head attention statistics with memory linear in T.
+
+The model runs with an attention function of ours, registered with
+transformers' ``AttentionInterface`` as ``"headscope_stats"``. For each layer
+it receives Q (RoPE applied), K and V and computes the output and the
+statistics of ``headscope.kernels`` from the same scores: on CPU the chunked
+kernel does both in one sweep (QK^T paid once); on CUDA SDPA (flash) gives the
+output and the Triton kernels the statistics. No [T, T] tensor of any layer is
+kept; the largest transient is one query block of scores.
+
+Accumulated in float64 over a prompt set, per layer x head: the mean of every
+pass-1 statistic and its profile per query position, the attention each key
+position receives, the per-prompt sink scores α_k of the first keys, and the
+residual-stream and value-vector norms per position (for the sink analyses).
+Prompts of unequal length are right-padded; padded queries and keys are
+masked out of every statistic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from headscope.kernels.attention_stats import PASS1_FIELDS, chunked_attention_stats
+from headscope.probes.models import ModelHandle
+
+ATTENTION_NAME = "headscope_stats"
+PROFILE_FIELDS = ("entropy", "max_prob", "sink_mass", "mean_distance")
+DEFAULT_SINK_KEYS = 8
+
+
+@dataclass(kw_only=True)
+class StreamingStatistics:
+    """Accumulated statistics of one prompt set (all float64, on CPU)."""
+
+    prompt_set: str
+    causal: bool
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    lengths: list[int]
+    sink_alpha: Float[Tensor, "prompt layer head key_pos"]
+    sink_alpha_by_key: Float[Tensor, "layer head key_pos"]
+    received_by_key: Float[Tensor, "layer head key_pos"]
+    means: dict[str, Float[Tensor, "layer head"]]
+    profiles: dict[str, Float[Tensor, "layer head query_pos"]]
+    residual_norm_by_pos: Float[Tensor, "layer query_pos"]
+    value_norm_by_pos: Float[Tensor, "layer kv_head query_pos"]
+    extra: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def n_prompts(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def entropy_by_query(self) -> Tensor:
+        return self.profiles["entropy"]
+
+    def tensors(self) -> dict[str, Tensor]:
+        out = {
+            "sink_alpha": self.sink_alpha,
+            "sink_alpha_by_key": self.sink_alpha_by_key,
+            "received_by_key": self.received_by_key,
+            "residual_norm_by_pos": self.residual_norm_by_pos,
+            "value_norm_by_pos": self.value_norm_by_pos,
+            "lengths": torch.tensor(self.lengths, dtype=torch.int64),
+        }
+        out |= {f"mean_{name}": value for name, value in self.means.items()}
+        out |= {f"{name}_by_query": value for name, value in self.profiles.items()}
+        return out
+
+
+class _Session:
+    """What the attention function writes into during one batch's forward."""
+
+    def __init__(self, n_layers: int, key_padding_mask: Tensor, sink_width: int):
+        self.key_padding_mask = key_padding_mask
+        self.sink_width = sink_width
+        self.layer_stats: dict[int, dict[str, Tensor]] = {}
+        self.value_norms: dict[int, Tensor] = {}
+        self.n_layers = n_layers
+        self.call_order: list[int] = []
+
+
+_ACTIVE: contextvars.ContextVar[_Session | None] = contextvars.ContextVar(
+    "headscope_stats_session", default=None
+)
+
+
+def _attention_with_stats(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """transformers attention function: output plus statistics into the active session."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    session = _ACTIVE.get()
+    if session is None:  # used outside a probe: behave exactly like SDPA
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if softcap is not None:
+        raise NotImplementedError("attention logit soft-capping is not supported by the probe")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    causal = bool(getattr(module, "is_causal", True))
+    layer = getattr(module, "layer_idx", None)
+    if layer is None:
+        layer = len(session.call_order)
+    session.call_order.append(layer)
+    common = dict(
+        scale=scale, causal=causal, key_padding_mask=session.key_padding_mask,
+        window=sliding_window, sink_width=session.sink_width,
+    )  # fmt: skip
+    if query.is_cuda:
+        from headscope.kernels.triton_attention_stats import triton_attention_stats
+
+        output, _ = sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=0.0, scaling=scale, **kwargs
+        )
+        stats = triton_attention_stats(query, key, **common)
+    else:
+        output, stats = chunked_attention_stats(query, key, value, **common)
+        output = output.transpose(1, 2).contiguous()
+    session.layer_stats[layer] = stats.as_dict()
+    session.value_norms[layer] = value.detach().float().norm(dim=-1)  # [b, kv, T]
+    return output, None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    if ATTENTION_NAME not in AttentionInterface._global_mapping:
+        AttentionInterface.register(ATTENTION_NAME, _attention_with_stats)
+
+
+def _block_list(model: torch.nn.Module, n_layers: int) -> torch.nn.ModuleList:
+    """The model's list of transformer blocks: the first ModuleList of n_layers modules."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
+            return module
+    raise RuntimeError("cannot find the model's list of transformer blocks")
+
+
+@contextlib.contextmanager
+def streaming_attention(handle: ModelHandle) -> Iterator[None]:
+    """Scoped: the HF module uses our attention function inside, its own outside."""
+    _register_attention()
+    model = handle.model
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(ATTENTION_NAME)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+class _Accumulator:
+    """float64 running sums over prompts; grows its position axis as needed."""
+
+    def __init__(self, handle: ModelHandle, n_sink_keys: int):
+        arch = handle.arch
+        self.arch, self.n_sink_keys = arch, n_sink_keys
+        self.length = 0
+        self.sums: dict[str, Tensor] = {}
+        self.alpha: dict[int, Tensor] = {}
+
+    def _buffer(self, name: str, *leading: int) -> Tensor:
+        buffer = self.sums.get(name)
+        if buffer is None or buffer.shape[-1] < self.length:
+            grown = torch.zeros(*leading, self.length, dtype=torch.float64)
+            if buffer is not None:
+                grown[..., : buffer.shape[-1]] = buffer
+            self.sums[name] = buffer = grown
+        return buffer
+
+    def add(self, indices, lengths: Tensor, session: _Session, residual: dict[int, Tensor]):
+        arch = self.arch
+        n_layers, n_heads = arch.n_layers, arch.n_heads
+        seq_len = int(session.key_padding_mask.shape[1])
+        self.length = max(self.length, seq_len)
+        valid = session.key_padding_mask.to(torch.float64).cpu()  # [b, T]
+        stacked = {
+            name: torch.stack([session.layer_stats[layer][name] for layer in range(n_layers)], 1)
+            .to(torch.float64)
+            .cpu()
+            for name in (*PASS1_FIELDS, "received")
+        }  # each [b, layer, head, T]
+        for name in PROFILE_FIELDS + ("lse",):
+            values = torch.where(valid[:, None, None].bool(), stacked[name], 0.0)
+            self._buffer(f"{name}_by_query", n_layers, n_heads)[..., :seq_len] += values.sum(0)
+        self._buffer("query_count")[..., :seq_len] += valid.sum(0)
+        received = stacked["received"]
+        positions = torch.arange(seq_len, dtype=torch.float64)
+        if arch.causal:
+            viewers = (lengths.to(torch.float64)[:, None] - positions[None]).clamp(min=1.0)
+        else:
+            viewers = lengths.to(torch.float64)[:, None].expand(-1, seq_len)
+        alpha = received / viewers[:, None, None] * valid[:, None, None]
+        self._buffer("received_by_key", n_layers, n_heads)[..., :seq_len] += received.sum(0)
+        self._buffer("alpha_by_key", n_layers, n_heads)[..., :seq_len] += alpha.sum(0)
+        keep = min(seq_len, self.n_sink_keys)
+        for row, prompt in enumerate(indices):
+            kept = torch.full((n_layers, n_heads, self.n_sink_keys), torch.nan, dtype=torch.float64)
+            usable = min(keep, int(lengths[row]))
+            kept[..., :usable] = alpha[row, ..., :usable]
+            self.alpha[prompt] = kept
+        values = torch.stack([session.value_norms[layer] for layer in range(n_layers)], 1)
+        values = values.to(torch.float64).cpu() * valid[:, None, None]
+        self._buffer("value_norm", n_layers, arch.n_kv_heads)[..., :seq_len] += values.sum(0)
+        norms = torch.stack([residual[layer] for layer in range(n_layers)], 1)
+        norms = norms.to(torch.float64).cpu() * valid[:, None]
+        self._buffer("residual_norm", n_layers)[..., :seq_len] += norms.sum(0)
+
+    def result(self, prompt_set: str, lengths: list[int]) -> StreamingStatistics:
+        count = self.sums["query_count"]
+        per_position = count.clamp(min=1.0)
+        total_rows = count.sum()
+        profiles = {name: self.sums[f"{name}_by_query"] / per_position for name in PROFILE_FIELDS}
+        means = {name: self.sums[f"{name}_by_query"].sum(-1) / total_rows
+                 for name in PROFILE_FIELDS}  # fmt: skip
+        return StreamingStatistics(
+            prompt_set=prompt_set,
+            causal=self.arch.causal,
+            n_layers=self.arch.n_layers,
+            n_heads=self.arch.n_heads,
+            n_kv_heads=self.arch.n_kv_heads,
+            lengths=list(lengths),
+            sink_alpha=torch.stack([self.alpha[i] for i in range(len(lengths))]),
+            sink_alpha_by_key=self.sums["alpha_by_key"] / per_position,
+            received_by_key=self.sums["received_by_key"] / per_position,
+            means=means,
+            profiles=profiles,
+            residual_norm_by_pos=self.sums["residual_norm"] / per_position,
+            value_norm_by_pos=self.sums["value_norm"] / per_position,
+        )
+
+
+def _padded_batches(
+    prompts, batch_size: int, pad_id: int
+) -> Iterator[tuple[list[int], Tensor, Tensor]]:
+    """Batches of prompts sorted by length, right-padded: (indices, tokens, lengths)."""
+    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts.tokens[i]), i))
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        lengths = torch.tensor([len(prompts.tokens[i]) for i in indices])
+        tokens = torch.full((len(indices), int(lengths.max())), pad_id, dtype=torch.int64)
+        for row, i in enumerate(indices):
+            tokens[row, : lengths[row]] = prompts.tokens[i]
+        yield indices, tokens, lengths
+
+
+def probe_streaming(
+    handle: ModelHandle,
+    prompts,
+    *,
+    batch_size: int = 16,
+    n_sink_keys: int = DEFAULT_SINK_KEYS,
+    on_batch: Callable[[int], None] | None = None,
+) -> StreamingStatistics:
+    """Run ``prompts`` (TokenizedPrompts) through the model and accumulate statistics.
+
+    Deterministic: batches are formed by (length, index) order, and every
+    accumulation is a float64 sum in that order.
+    """
+    arch = handle.arch
+    blocks = _block_list(handle.model, arch.n_layers)
+    pad_id = handle.tokenizer.pad_token_id
+    pad_id = pad_id if pad_id is not None else 0
+    accumulator = _Accumulator(handle, n_sink_keys)
+    with streaming_attention(handle):
+        for indices, tokens, lengths in _padded_batches(prompts, batch_size, pad_id):
+            mask = torch.arange(tokens.shape[1])[None] < lengths[:, None]
+            session = _Session(arch.n_layers, mask.to(handle.device), sink_width=1)
+            residual: dict[int, Tensor] = {}
+
+            def keep_norm(layer: int) -> Callable:
+                def hook(_module, _inputs, output) -> None:
+                    hidden = output[0] if isinstance(output, tuple) else output
+                    residual[layer] = hidden.detach().float().norm(dim=-1)
+
+                return hook
+
+            hooks = [block.register_forward_hook(keep_norm(i)) for i, block in enumerate(blocks)]
+            token = _ACTIVE.set(session)
+            try:
+                with torch.inference_mode():
+                    handle.model(
+                        input_ids=tokens.to(handle.device),
+                        attention_mask=mask.to(handle.device).long(),
+                        use_cache=False,
+                    )
+            finally:
+                _ACTIVE.reset(token)
+                for hook in hooks:
+                    hook.remove()
+            if len(session.layer_stats) != arch.n_layers:
+                raise RuntimeError(
+                    f"the attention function ran for {len(session.layer_stats)} of "
+                    f"{arch.n_layers} layers; this architecture does not route attention "
+                    "through transformers' AttentionInterface"
+                )
+            accumulator.add(indices, lengths, session, residual)
+            if on_batch is not None:
+                on_batch(len(indices))
+    return accumulator.result(prompts.name, prompts.lengths)
