@@ -263,6 +263,43 @@ def _padded_batches(
         yield indices, tokens, lengths
 
 
+@contextlib.contextmanager
+def _residual_norms(blocks: torch.nn.ModuleList) -> Iterator[dict[int, Tensor]]:
+    """Scoped forward hooks recording ‖h‖ of each block's output per position."""
+    norms: dict[int, Tensor] = {}
+
+    def recorder(layer: int) -> Callable:
+        def hook(_module, _inputs, output) -> None:
+            hidden = output[0] if isinstance(output, tuple) else output
+            norms[layer] = hidden.detach().float().norm(dim=-1)
+
+        return hook
+
+    handles = [block.register_forward_hook(recorder(i)) for i, block in enumerate(blocks)]
+    try:
+        yield norms
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _forward(
+    handle: ModelHandle, blocks, tokens: Tensor, mask: Tensor, session: _Session
+) -> dict[int, Tensor]:
+    """One forward with ``session`` active; returns the residual norms per layer."""
+    token = _ACTIVE.set(session)
+    try:
+        with _residual_norms(blocks) as norms, torch.inference_mode():
+            handle.model(
+                input_ids=tokens.to(handle.device),
+                attention_mask=mask.to(handle.device).long(),
+                use_cache=False,
+            )
+    finally:
+        _ACTIVE.reset(token)
+    return norms
+
+
 def probe_streaming(
     handle: ModelHandle,
     prompts,
@@ -285,28 +322,7 @@ def probe_streaming(
         for indices, tokens, lengths in _padded_batches(prompts, batch_size, pad_id):
             mask = torch.arange(tokens.shape[1])[None] < lengths[:, None]
             session = _Session(arch.n_layers, mask.to(handle.device), sink_width=1)
-            residual: dict[int, Tensor] = {}
-
-            def keep_norm(layer: int) -> Callable:
-                def hook(_module, _inputs, output) -> None:
-                    hidden = output[0] if isinstance(output, tuple) else output
-                    residual[layer] = hidden.detach().float().norm(dim=-1)
-
-                return hook
-
-            hooks = [block.register_forward_hook(keep_norm(i)) for i, block in enumerate(blocks)]
-            token = _ACTIVE.set(session)
-            try:
-                with torch.inference_mode():
-                    handle.model(
-                        input_ids=tokens.to(handle.device),
-                        attention_mask=mask.to(handle.device).long(),
-                        use_cache=False,
-                    )
-            finally:
-                _ACTIVE.reset(token)
-                for hook in hooks:
-                    hook.remove()
+            residual = _forward(handle, blocks, tokens, mask, session)
             if len(session.layer_stats) != arch.n_layers:
                 raise RuntimeError(
                     f"the attention function ran for {len(session.layer_stats)} of "
