@@ -29,6 +29,7 @@ same scores so a forward pays for QK^T once) and the Triton kernels of
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -181,6 +182,11 @@ def chunked_attention_stats(
     rows, keys] tensor: K and V are broadcast over the group, never copied.
     Returns ``(output or None, stats)``; the output is [batch, head, query_pos,
     d_v] in the input dtype, computed in float32 from the same probabilities.
+
+    CPU cost is memory traffic over the score block, so the block lives in two
+    buffers reused across blocks (no page faults from fresh allocations), and
+    the common case (causal, no padding, no window) masks only the block's
+    diagonal square, where no row can be fully masked.
     """
     batch, heads, kv_heads, t_q, t_k, d_head = check_inputs(
         q, k, key_padding_mask, window, sink_width, v
@@ -192,18 +198,24 @@ def chunked_attention_stats(
     kf = k.to(torch.float32).unsqueeze(2)  # [b, kv, 1, t_k, d]
     vf = v.to(torch.float32).unsqueeze(2) if v is not None else None
     valid_rows = query_validity(key_padding_mask, t_q, t_k)
+    simple = causal and key_padding_mask is None and window is None
     shape = (batch, kv_heads, group, t_q)
     stats = {name: torch.zeros(shape, dtype=torch.float32, device=device) for name in PASS1_FIELDS}
     stats["lse"].fill_(float("-inf"))
     received = torch.zeros(batch, kv_heads, group, t_k, dtype=torch.float32, device=device)
     output = (
-        torch.zeros(batch, kv_heads, group, t_q, v.shape[-1], dtype=torch.float32, device=device)
+        torch.empty(batch, kv_heads, group, t_q, v.shape[-1], dtype=torch.float32, device=device)
         if v is not None
         else None
     )
+    buffer_size = batch * heads * min(rows, t_q) * t_k
+    score_buffer = torch.empty(buffer_size, dtype=torch.float32, device=device)
+    weight_buffer = torch.empty(buffer_size, dtype=torch.float32, device=device)
+    above_diagonal = torch.ones(rows, rows, dtype=torch.bool, device=device).triu(1)
     offset = t_k - t_q
     for start in range(0, t_q, rows):
         stop = min(t_q, start + rows)
+        n_rows = stop - start
         first_pos, last_pos = start + offset, stop - 1 + offset
         key_lo = 0 if window is None else max(0, first_pos - window + 1)
         key_hi = last_pos + 1 if causal else t_k
@@ -211,28 +223,37 @@ def chunked_attention_stats(
             key_hi = min(t_k, last_pos + window)
         if key_hi <= key_lo:
             continue
+        n_keys = key_hi - key_lo
         query_pos = torch.arange(first_pos, last_pos + 1, device=device)
         key_pos = torch.arange(key_lo, key_hi, device=device)
-        scores = qf[..., start:stop, :] @ kf[..., key_lo:key_hi, :].transpose(-1, -2)
-        visible = visibility(query_pos, key_pos, causal=causal, window=window)
-        mask = ~visible[None, None, None]
-        if key_padding_mask is not None:
-            mask = mask | ~key_padding_mask[:, None, None, None, key_lo:key_hi]
-        if valid_rows is not None:
-            mask = mask | ~valid_rows[:, None, None, start:stop, None]
-        if mask.any():
+        block_shape = (batch, kv_heads, group, n_rows, n_keys)
+        scores = score_buffer[: math.prod(block_shape)].view(block_shape)
+        keys = kf[..., key_lo:key_hi, :].transpose(-1, -2)
+        torch.matmul(qf[..., start:stop, :], keys, out=scores)
+        if simple:
+            # keys after the block's first query: an upper triangle in the last n_rows columns
+            scores[..., n_keys - n_rows :].masked_fill_(above_diagonal[:n_rows, :n_rows], MASKED)
+            live = None
+        else:
+            mask = ~visibility(query_pos, key_pos, causal=causal, window=window)[None, None, None]
+            if key_padding_mask is not None:
+                mask = mask | ~key_padding_mask[:, None, None, None, key_lo:key_hi]
+            if valid_rows is not None:
+                mask = mask | ~valid_rows[:, None, None, start:stop, None]
             scores.masked_fill_(mask, MASKED)
         row_max = scores.amax(-1, keepdim=True)
-        live = row_max.squeeze(-1) > MASKED / 2
         scores.sub_(row_max)  # ≤ 0 on visible keys, ≈ MASKED elsewhere
-        weights = scores.exp()  # unnormalized probabilities; 0 where masked
-        if mask.any():
+        weights = torch.exp(scores, out=weight_buffer[: scores.numel()].view(block_shape))
+        row_max = row_max.squeeze(-1)
+        if not simple:
+            live = row_max > MASKED / 2
             # a fully masked row has every score equal to its max: exp(0) = 1
             weights.masked_fill_(~live[..., None], 0.0)
         total = weights.sum(-1)
-        safe_total = torch.where(live, total, torch.ones_like(total))
-        inv_total = torch.where(live, 1.0 / safe_total, torch.zeros_like(total))
-        centred = (weights * scores).sum(-1)  # Σ e (s − m) ≤ 0
+        if live is not None:
+            total = torch.where(live, total, torch.ones_like(total))
+        inv_total = 1.0 / total if live is None else torch.where(live, 1.0 / total, 0.0)
+        centred = torch.linalg.vecdot(weights, scores)  # Σ e (s − m) ≤ 0
         if causal:
             # |pos_i − j| = pos_i − j; measured from the block's last position,
             # so no large offsets cancel: Σ e (last − j) / l − (last − pos_i).
@@ -241,20 +262,26 @@ def chunked_attention_stats(
         else:
             gaps = (query_pos[:, None] - key_pos[None, :]).abs().to(torch.float32)
             distance = (weights * gaps).sum(-1) * inv_total
-        sink_hi = min(max(0, sink_width - key_lo), key_hi - key_lo)
+        sink_hi = min(max(0, sink_width - key_lo), n_keys)
+        lse = row_max + total.log()
+        entropy = total.log() - centred * inv_total
+        if live is not None:
+            lse = torch.where(live, lse, float("-inf"))
+            entropy = torch.where(live, entropy, 0.0)
+            distance = torch.where(live, distance, 0.0)
         block = slice(start, stop)
-        stats["lse"][..., block] = torch.where(
-            live, row_max.squeeze(-1) + safe_total.log(), float("-inf")
-        )
-        stats["entropy"][..., block] = torch.where(
-            live, safe_total.log() - centred * inv_total, 0.0
-        )
+        stats["lse"][..., block] = lse
+        stats["entropy"][..., block] = entropy
         stats["max_prob"][..., block] = inv_total
         stats["sink_mass"][..., block] = weights[..., :sink_hi].sum(-1) * inv_total
-        stats["mean_distance"][..., block] = torch.where(live, distance, 0.0)
+        stats["mean_distance"][..., block] = distance
         received[..., key_lo:key_hi] += (inv_total.unsqueeze(-2) @ weights).squeeze(-2)
         if output is not None:
-            output[..., block, :] = (weights @ vf[..., key_lo:key_hi, :]) * inv_total[..., None]
+            torch.matmul(weights, vf[..., key_lo:key_hi, :], out=output[..., block, :])
+            output[..., block, :] *= inv_total[..., None]
+    if output is not None and t_q > 0:
+        untouched = stats["lse"] == float("-inf")
+        output.masked_fill_(untouched[..., None], 0.0)
     flat = {name: value.reshape(batch, heads, t_q) for name, value in stats.items()}
     result = AttentionStats(
         **flat,
