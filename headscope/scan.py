@@ -18,12 +18,27 @@ from headscope.analyses import HeadTable, resolve_detectors
 from headscope.data import get_prompt_set
 from headscope.errors import HeadscopeError
 from headscope.probes.models import DEFAULT_MODEL, ModelHandle, load_model
-from headscope.probes.patterns import DEFAULT_SINK_KEYS, PatternStatistics, probe_patterns
+from headscope.probes.patterns import DEFAULT_SINK_KEYS, probe_patterns
+from headscope.probes.streaming import probe_streaming
 
 DEFAULT_PROMPT_SETS = ("prose", "code", "random-repeat", "repeated-token")
 
-#: on_progress(prompt_set, prompts_done, prompts_total)
+#: on_progress(label, prompts_done, prompts_total)
 ProgressCallback = Callable[[str, int, int], None]
+PROBES = {"streaming": probe_streaming, "patterns": probe_patterns}
+
+
+def _counter(on_progress: ProgressCallback | None, label: str, total: int) -> Callable[[int], None]:
+    """Turn per-batch counts into (label, done, total) progress calls."""
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if on_progress is not None:
+            on_progress(label, done, total)
+
+    return advance
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,7 +78,7 @@ class ScanResult:
 
     manifest: dict[str, Any]
     head_tables: list[HeadTable]
-    stats: dict[str, PatternStatistics]
+    stats: dict[str, dict[str, Any]]  # prompt set -> capture -> statistics
     path: Path | None = None
 
     def head_table(self, detector: str, prompt_set: str | None = None) -> HeadTable:
@@ -141,28 +156,27 @@ def scan(
         )
         for ps in prompt_sets
     }
-    stats: dict[str, PatternStatistics] = {}
+    captures = {d.capture for d in detectors}
+    stats: dict[str, dict[str, Any]] = {name: {} for name in tokenized}
     for prompt_set in prompt_sets:
         prompts = tokenized[prompt_set.name]
-        done = 0
+        for capture in ("streaming", "patterns"):
+            if capture not in captures:
+                continue
+            label = f"{prompt_set.name} ({capture})"
+            t0 = time.perf_counter()
+            stats[prompt_set.name][capture] = PROBES[capture](
+                handle,
+                prompts,
+                batch_size=config.batch_size,
+                n_sink_keys=config.n_sink_keys,
+                on_batch=_counter(on_progress, label, len(prompts)),
+            )
+            timing[f"probe_{prompt_set.name}_{capture}_s"] = round(time.perf_counter() - t0, 3)
 
-        def advance(n: int, name: str = prompt_set.name, total: int = len(prompts)) -> None:
-            nonlocal done
-            done += n
-            if on_progress is not None:
-                on_progress(name, done, total)
-
-        t0 = time.perf_counter()
-        stats[prompt_set.name] = probe_patterns(
-            handle,
-            prompts,
-            batch_size=config.batch_size,
-            n_sink_keys=config.n_sink_keys,
-            on_batch=advance,
-        )
-        timing[f"probe_{prompt_set.name}_s"] = round(time.perf_counter() - t0, 3)
-
-    tables = [detector.run(stats[name]) for detector in detectors for name in stats]
+    tables = [
+        detector.run(stats[name][detector.capture]) for detector in detectors for name in stats
+    ]
     timing["total_s"] = round(time.perf_counter() - started, 3)
     manifest = {
         "kind": "scan",
@@ -184,20 +198,24 @@ def scan(
             for d in detectors
         ],
         "config": {k: v for k, v in asdict(config).items()},
-        "capture": "transformer_lens bridge hook_pattern, reduced per layer",
+        "captures": {
+            "streaming": "headscope attention function: chunked/Triton statistics kernels",
+            "patterns": "TransformerLens bridge hook_pattern, reduced per layer",
+        },
         "timing": timing,
     }
     result = ScanResult(manifest=manifest, head_tables=tables, stats=stats)
     if out_path is not None:
         tensors = {
-            f"{name}/{key}": value
-            for name, s in stats.items()
+            f"{name}/{capture}/{key}": value
+            for name, by_capture in stats.items()
+            for capture, s in by_capture.items()
             for key, value in s.tensors().items()
         }
         samples = {
             name: {"tokens": s.sample_tokens, "patterns": s.sample_patterns}
-            for name, s in stats.items()
-            if s.sample_patterns is not None
+            for name, by_capture in stats.items()
+            if (s := by_capture.get("patterns")) is not None and s.sample_patterns is not None
         }
         result.path = write_run(
             out_path,

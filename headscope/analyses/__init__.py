@@ -26,6 +26,7 @@ register_detector(
         function=detect_previous_token,
         primary_prompt_set="prose",
         description="attends to the token before the query (TransformerLens 'mul')",
+        capture="patterns",
         defaults=CLASSIC_DEFAULTS,
     )
 )
@@ -36,6 +37,7 @@ register_detector(
         function=detect_duplicate_token,
         primary_prompt_set="random-repeat",
         description="attends to earlier copies of the query token (TransformerLens 'mul')",
+        capture="patterns",
         defaults=CLASSIC_DEFAULTS,
     )
 )
@@ -46,6 +48,7 @@ register_detector(
         function=detect_induction,
         primary_prompt_set="random-repeat",
         description="attends to the token after an earlier copy (TransformerLens 'mul')",
+        capture="patterns",
         defaults=CLASSIC_DEFAULTS,
     )
 )

@@ -21,7 +21,10 @@ class Detector:
 
     ``primary_prompt_set`` is the built-in prompt set on which the role is
     defined (induction on repeated random tokens, sinks on prose); reports lead
-    with it. ``defaults`` are the parameters used when the caller gives none.
+    with it. ``capture`` names the probe whose statistics it reads:
+    "streaming" (kernels, memory linear in T) or "patterns" (TransformerLens
+    full patterns, reduced per layer; for token-aware scores such as the
+    classic heads). ``defaults`` are the parameters used when the caller gives none.
     """
 
     name: str
@@ -29,7 +32,12 @@ class Detector:
     function: Callable[..., Any]
     primary_prompt_set: str
     description: str
+    capture: str = "streaming"
     defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.capture not in CAPTURES:
+            raise ValueError(f"capture must be one of {CAPTURES}, got '{self.capture}'")
 
     def run(self, stats: Any, **params: Any):
         unknown = set(params) - set(self.defaults)
@@ -41,6 +49,7 @@ class Detector:
         return self.function(stats, **{**self.defaults, **params})
 
 
+CAPTURES = ("streaming", "patterns")
 _REGISTRY: dict[str, Detector] = {}
 
 

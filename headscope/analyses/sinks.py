@@ -18,15 +18,16 @@ import numpy as np
 
 from headscope.analyses.tables import HeadTable
 from headscope.errors import HeadscopeError
-from headscope.probes.patterns import PatternStatistics
 
 DEFAULT_EPSILON = 0.3
 
 
-def detect_first_token_sink(
-    stats: PatternStatistics, *, epsilon: float = DEFAULT_EPSILON, key: int = 0
-) -> HeadTable:
-    """Heads whose α_key exceeds ε (default: the first token, ε = 0.3)."""
+def detect_first_token_sink(stats, *, epsilon: float = DEFAULT_EPSILON, key: int = 0) -> HeadTable:
+    """Heads whose α_key exceeds ε (default: the first token, ε = 0.3).
+
+    ``stats`` is a StreamingStatistics (the scan's source) or a
+    PatternStatistics: both carry per-prompt ``sink_alpha``.
+    """
     stored = stats.sink_alpha.shape[-1]
     if not 0 <= key < stored:
         raise HeadscopeError(
