@@ -168,6 +168,43 @@ def runs(
     console.print(table)
 
 
+bench_app = typer.Typer(
+    help="Benchmarks: ratios against a baseline measured in the same run; "
+    "rows appended to benchmarks/RESULTS.md.",
+    no_args_is_help=True,
+)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("attention-stats")
+def bench_attention_stats(
+    lengths: Annotated[
+        str | None, typer.Option(help="comma-separated T (default 512,2048,8192,16384; GPU 4k-32k)")
+    ] = None,
+    model: Annotated[str, typer.Option(help="model spec for the CPU benchmark")] = "smollm2-135m",
+    gpu: Annotated[bool, typer.Option(help="benchmark the Triton kernels (CUDA)")] = False,
+) -> None:
+    """Streaming probe vs SDPA forward vs TransformerLens patterns (or Triton on GPU)."""
+    from headscope.bench.attention_stats import main as run
+
+    run(
+        (["--lengths", lengths] if lengths else [])
+        + ["--model", model]
+        + (["--gpu"] if gpu else [])
+    )
+
+
+@bench_app.command("model-load")
+def bench_model_load(
+    model: Annotated[str, typer.Option(help="model spec")] = "smollm2-135m",
+    repeats: Annotated[int, typer.Option(help="fresh processes per measurement")] = 3,
+) -> None:
+    """Cold (empty weight cache) and warm load time, each in a fresh process."""
+    from headscope.bench.model_load import main as run
+
+    run(["--model", model, "--repeats", str(repeats)])
+
+
 def main() -> None:  # pragma: no cover - console entry point convenience
     sys.exit(app())
 

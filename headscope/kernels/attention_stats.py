@@ -162,6 +162,18 @@ def _block_rows(batch: int, heads: int, t_k: int, max_block_elements: int) -> in
     return int(max(16, min(512, rows)))
 
 
+def _buffers(
+    workspace: dict[str, Tensor] | None, size: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Two flat float32 buffers of at least ``size`` elements, reused when possible."""
+    workspace = {} if workspace is None else workspace
+    for name in ("scores", "weights"):
+        current = workspace.get(name)
+        if current is None or current.numel() < size or current.device != device:
+            workspace[name] = torch.empty(size, dtype=torch.float32, device=device)
+    return workspace["scores"], workspace["weights"]
+
+
 def chunked_attention_stats(
     q: Tensor,
     k: Tensor,
@@ -174,6 +186,7 @@ def chunked_attention_stats(
     sink_width: int = 1,
     block_rows: int | None = None,
     max_block_elements: int = 1 << 22,
+    workspace: dict[str, Tensor] | None = None,
 ) -> tuple[Tensor | None, AttentionStats]:
     """Statistics (and, given ``v``, the attention output) block of queries by block.
 
@@ -184,7 +197,8 @@ def chunked_attention_stats(
     d_v] in the input dtype, computed in float32 from the same probabilities.
 
     CPU cost is memory traffic over the score block, so the block lives in two
-    buffers reused across blocks (no page faults from fresh allocations), and
+    buffers reused across blocks (no page faults from fresh allocations; pass
+    the same ``workspace`` dict to reuse them across calls, e.g. layers), and
     the common case (causal, no padding, no window) masks only the block's
     diagonal square, where no row can be fully masked.
     """
@@ -209,8 +223,7 @@ def chunked_attention_stats(
         else None
     )
     buffer_size = batch * heads * min(rows, t_q) * t_k
-    score_buffer = torch.empty(buffer_size, dtype=torch.float32, device=device)
-    weight_buffer = torch.empty(buffer_size, dtype=torch.float32, device=device)
+    score_buffer, weight_buffer = _buffers(workspace, buffer_size, device)
     above_diagonal = torch.ones(rows, rows, dtype=torch.bool, device=device).triu(1)
     offset = t_k - t_q
     for start in range(0, t_q, rows):

@@ -86,6 +86,7 @@ class _Session:
         self.value_norms: dict[int, Tensor] = {}
         self.n_layers = n_layers
         self.call_order: list[int] = []
+        self.workspace: dict[str, Tensor] = {}  # score buffers shared by all layers
 
 
 _ACTIVE: contextvars.ContextVar[_Session | None] = contextvars.ContextVar(
@@ -133,7 +134,9 @@ def _attention_with_stats(
         )
         stats = triton_attention_stats(query, key, **common)
     else:
-        output, stats = chunked_attention_stats(query, key, value, **common)
+        output, stats = chunked_attention_stats(
+            query, key, value, workspace=session.workspace, **common
+        )
         output = output.transpose(1, 2).contiguous()
     session.layer_stats[layer] = stats.as_dict()
     session.value_norms[layer] = value.detach().float().norm(dim=-1)  # [b, kv, T]
