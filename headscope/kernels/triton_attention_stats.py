@@ -32,6 +32,11 @@ Algorithm (METHODS §1):
   under the interpreter (its bf16 dot is wrong); on CUDA they stay 16-bit in the dot,
   whose products are exact in float32 and accumulated in float32, and float32 inputs
   use ``input_precision="ieee"`` (no tf32 rounding of the scores).
+- The launcher passes the key padding mask as an int8 [batch, key_pos] tensor and
+  the options as constexpr flags (causal, window, padding, dropping padded queries),
+  so each combination compiles without the masking it does not use. Blocks are
+  fixed, no autotuning: 64 x 64 on CUDA (32 x 32 for d_head > 128), 32 x 32 under
+  the interpreter; d_head is padded to a power of two ≥ 16 by masked loads.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ from headscope.kernels.attention_stats import MASKED, AttentionStats, check_inpu
 
 # Read once, as the @triton.jit decorators below were: they chose the interpreter or not.
 _INTERPRETING = bool(triton.knobs.runtime.interpret)
+# Compiled kernels may read module globals only when they are constexpr.
+MASKED_SCORE = tl.constexpr(MASKED)
 
 
 @triton.jit
@@ -113,7 +120,7 @@ def _row_stats_kernel(
         key_hi = tl.minimum(key_hi, last_pos + window)
 
     positions = (rows + (t_k - t_q))[:, None]
-    row_max = tl.full([BLOCK_M], MASKED, tl.float32)
+    row_max = tl.full([BLOCK_M], MASKED_SCORE, tl.float32)
     total = tl.zeros([BLOCK_M], tl.float32)  # l
     centred_total = tl.zeros([BLOCK_M], tl.float32)  # u
     sink_total = tl.zeros([BLOCK_M], tl.float32)
@@ -129,7 +136,7 @@ def _row_stats_kernel(
             rows, keys, live_rows, b, pad_ptr, stride_pad_b, t_q, t_k, window,
             CAUSAL, HAS_WINDOW, HAS_PADDING,
         )  # fmt: skip
-        scores = tl.where(visible, scores, MASKED)
+        scores = tl.where(visible, scores, MASKED_SCORE)
         new_max = tl.maximum(row_max, tl.max(scores, axis=1))
         shift = row_max - new_max  # δ ≤ 0
         rescale = tl.exp(shift)  # α
@@ -201,7 +208,7 @@ def _received_kernel(
         rows = start + tl.arange(0, BLOCK_M)
         lse = tl.load(lse_base + rows, mask=rows < t_q, other=float("-inf"))
         live_rows = _live_rows(rows, b, pad_ptr, stride_pad_b, t_q, DROP_PADDED_QUERIES)
-        live_rows = live_rows & (lse > MASKED)  # fully masked rows add nothing
+        live_rows = live_rows & (lse > MASKED_SCORE)  # fully masked rows add nothing
         q_mask = (rows < t_q)[:, None] & (dims < d_head)[None, :]
         q = tl.load(q_base + rows[:, None] * stride_qt + dims[None, :], mask=q_mask, other=0.0)
         if UPCAST_FOR_DOT:
@@ -211,10 +218,13 @@ def _received_kernel(
             rows, keys, live_rows, b, pad_ptr, stride_pad_b, t_q, t_k, window,
             CAUSAL, HAS_WINDOW, HAS_PADDING,
         )  # fmt: skip
-        log_probs = tl.where(visible, scores - tl.where(live_rows, lse, 0.0)[:, None], MASKED)
+        log_probs = tl.where(visible, scores - tl.where(live_rows, lse, 0.0)[:, None], MASKED_SCORE)
         received += tl.sum(tl.where(visible, tl.exp(log_probs), 0.0), axis=0)
     out = batch_head.to(tl.int64) * t_k + keys
     tl.store(received_ptr + out, received, mask=keys < t_k)
+
+
+MAX_GRID_Y = 65535  # CUDA's limit on the grid's second axis, which counts batch x head
 
 
 def _block_size(requested: int | None, default: int, name: str) -> int:
@@ -235,12 +245,15 @@ def triton_attention_stats(
     sink_width: int = 1,
     block_m: int | None = None,
     block_n: int | None = None,
+    pass2: bool = True,
 ) -> AttentionStats:
     """Statistics of ``softmax(q kᵀ · scale)`` per query row and key, without the matrix.
 
-    Same arguments and result as ``reference_attention_stats``; ``block_m`` and
+    Same arguments and result as ``reference_attention_stats``. ``block_m`` and
     ``block_n`` (query rows and keys per block, powers of two ≥ 16) override the
-    defaults, which the tests use to cross block boundaries at small T.
+    defaults; the tests use them to cross block boundaries at small T.
+    ``pass2=False`` skips pass 2 to time pass 1 alone: ``received`` and
+    ``received_per_kv`` are then NaN, "not computed", never to be read as data.
     """
     batch, heads, kv_heads, t_q, t_k, d_head = check_inputs(
         q, k, key_padding_mask, window, sink_width
@@ -250,26 +263,25 @@ def triton_attention_stats(
             "Triton kernels need a CUDA device or TRITON_INTERPRET=1 (set before importing "
             "headscope.kernels.triton_attention_stats); use implementation='chunked' on CPU"
         )
-    device = q.device
-    shape = (batch, heads, t_q)
+    group = heads // kv_heads
+    row_shape, device = (batch, heads, t_q), q.device
     stats = {
-        name: torch.zeros(shape, dtype=torch.float32, device=device)
+        name: torch.empty(row_shape, dtype=torch.float32, device=device)
         for name in ("lse", "entropy", "max_prob", "sink_mass", "mean_distance")
     }
     received = torch.zeros(batch, heads, t_k, dtype=torch.float32, device=device)
-    if batch * heads * t_q == 0:
-        stats["lse"].fill_(float("-inf"))
-        return AttentionStats(
-            **stats, received=received, received_per_kv=received.new_zeros(batch, kv_heads, t_k)
-        )
+    if batch * heads * t_q == 0:  # nothing to launch: no rows, nothing received
+        for name, value in stats.items():
+            value.fill_(float("-inf") if name == "lse" else 0.0)
+        per_kv = received.view(batch, kv_heads, group, t_k).sum(2)
+        return AttentionStats(**stats, received=received, received_per_kv=per_kv)
 
-    q = q.contiguous()
-    k = k.contiguous()
+    q, k = q.contiguous(), k.contiguous()
     has_padding = key_padding_mask is not None
     padding = (
         key_padding_mask.to(device=device, dtype=torch.int8).contiguous()
         if has_padding
-        else torch.ones(1, 1, dtype=torch.int8, device=device)  # never read
+        else torch.ones(batch, 1, dtype=torch.int8, device=device)  # never read
     )
     # |pos_i − j| < T_k always, so a wider window is no window, and stays in int32.
     window_size = min(window, t_k + 1) if window is not None else 0
@@ -280,21 +292,31 @@ def triton_attention_stats(
     flags = dict(
         CAUSAL=bool(causal), HAS_WINDOW=window is not None, HAS_PADDING=has_padding,
         DROP_PADDED_QUERIES=has_padding and t_q == t_k,
+        # fp16/bf16 products are exact in float32: on CUDA the dot keeps them 16-bit
         UPCAST_FOR_DOT=_INTERPRETING or q.dtype not in (torch.float16, torch.bfloat16),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4, num_stages=2,
     )  # fmt: skip
     strides = (*q.stride()[:3], *k.stride()[:3], padding.stride(0))
-    sizes = (heads, heads // kv_heads, t_q, t_k, d_head, float(scale), window_size)
+    sizes = (heads, group, t_q, t_k, d_head, float(scale), window_size)
 
-    _row_stats_kernel[(triton.cdiv(t_q, block_m), batch * heads)](
-        q, k, padding, stats["lse"], stats["entropy"], stats["max_prob"],
-        stats["sink_mass"], stats["mean_distance"], *strides, *sizes, sink_width, **flags,
-    )  # fmt: skip
-    _received_kernel[(triton.cdiv(t_k, block_n), batch * heads)](
-        q, k, padding, stats["lse"], received, *strides, *sizes, **flags
-    )
+    batch_step = max(1, MAX_GRID_Y // heads)
+    for first in range(0, batch, batch_step):  # one launch unless batch x head > 65535
+        part = slice(first, first + batch_step)
+        qs, ks, pads, rs = q[part], k[part], padding[part], received[part]
+        out = {name: value[part] for name, value in stats.items()}
+        grid_y = qs.shape[0] * heads
+        _row_stats_kernel[(triton.cdiv(t_q, block_m), grid_y)](
+            qs, ks, pads, out["lse"], out["entropy"], out["max_prob"], out["sink_mass"],
+            out["mean_distance"], *strides, *sizes, sink_width, **flags,
+        )  # fmt: skip
+        if pass2:
+            _received_kernel[(triton.cdiv(t_k, block_n), grid_y)](
+                qs, ks, pads, out["lse"], rs, *strides, *sizes, **flags
+            )
+    if not pass2:
+        received.fill_(float("nan"))
     return AttentionStats(
         **stats,
         received=received,
-        received_per_kv=received.view(batch, kv_heads, heads // kv_heads, t_k).sum(2),
+        received_per_kv=received.view(batch, kv_heads, group, t_k).sum(2),
     )
