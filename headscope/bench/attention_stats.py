@@ -2,7 +2,11 @@
 
 CPU (default): smollm2-135m, batch 1, one long prose prompt of T tokens, each
 configuration in a fresh subprocess:
-  (a) ``sdpa``       a plain forward with PyTorch SDPA attention (the baseline),
+  (a) ``sdpa``       a plain forward with PyTorch SDPA attention (the baseline:
+                     ``model(input_ids)``, logits for every position),
+  (a') ``sdpa-body`` the same without the LM head (``model.base_model``): the
+                     like-for-like baseline, since the probe needs no logits and
+                     skips the LM head too,
   (b) ``streaming``  headscope's streaming probe (output + every statistic),
   (c) ``tl``         TransformerLens ``run_with_cache`` of every ``hook_pattern``
                      (skipped when its patterns alone would not fit in memory).
@@ -34,7 +38,7 @@ from pathlib import Path
 
 from headscope.bench import append_results
 
-MODES = ("sdpa", "streaming", "tl")
+MODES = ("sdpa", "sdpa-body", "streaming", "tl")
 TL_MEMORY_LIMIT_GB = 16.0  # the machine has 24 GiB; patterns beyond this cannot fit
 
 
@@ -67,6 +71,9 @@ def child(mode: str, length: int, model: str, repeats: int) -> dict:
         if mode == "sdpa":
             with torch.inference_mode():
                 handle.model(input_ids=tokens, use_cache=False)
+        elif mode == "sdpa-body":
+            with torch.inference_mode():
+                handle.model.base_model(input_ids=tokens, use_cache=False)
         elif mode == "streaming":
             probe_streaming(handle, prompts, batch_size=1)
         else:
@@ -122,18 +129,24 @@ def run_cpu(lengths: list[int], model: str) -> None:
             figures[mode] = json.loads(done.stdout.strip().splitlines()[-1])
             f = figures[mode]
             print(f"T={length} {mode}: {f['seconds']:.2f} s, peak RSS {f['peak_rss_mb']:.0f} MB")
-        base = figures.get("sdpa")
+        base, body = figures.get("sdpa"), figures.get("sdpa-body")
+
+        def ratio(f: dict, key: str, reference: dict | None) -> float:
+            return f[key] / reference[key] if reference else float("nan")
+
         for mode, f in figures.items():
-            time_ratio = f["seconds"] / base["seconds"] if base else float("nan")
-            memory_ratio = f["peak_rss_mb"] / base["peak_rss_mb"] if base else float("nan")
-            rows.append((length, mode, f["seconds"], f["peak_rss_mb"], time_ratio, memory_ratio))
-            if mode != "sdpa":
-                print(f"  T={length} {mode}/sdpa: time {time_ratio:.2f}x, RSS {memory_ratio:.2f}x")
+            ratios = [ratio(f, key, ref) for ref in (base, body)
+                      for key in ("seconds", "peak_rss_mb")]  # fmt: skip
+            rows.append((length, mode, f["seconds"], f["peak_rss_mb"], *ratios))
+            if mode not in ("sdpa", "sdpa-body"):
+                print(f"  T={length} {mode}: time {ratios[0]:.2f}x / {ratios[2]:.2f}x, "
+                      f"peak RSS {ratios[1]:.2f}x / {ratios[3]:.2f}x (vs sdpa / body)")  # fmt: skip
     append_results(
         f"attention_stats CPU ({model}, batch 1)",
-        ["T", "mode", "seconds", "peak RSS MB", "time / sdpa", "peak RSS / sdpa"],
-        [(t, m, f"{s:.2f}", f"{r:.0f}", f"{tr:.2f}", f"{mr:.2f}") for t, m, s, r, tr, mr in rows],
-    )
+        ["T", "mode", "seconds", "peak RSS MB", "time / sdpa", "RSS / sdpa",
+         "time / sdpa-body", "RSS / sdpa-body"],
+        [(t, m, f"{s:.2f}", f"{r:.0f}", *(f"{x:.2f}" for x in xs)) for t, m, s, r, *xs in rows],
+    )  # fmt: skip
 
 
 def run_gpu(lengths: list[int]) -> None:

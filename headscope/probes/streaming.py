@@ -81,6 +81,7 @@ class _Session:
 
     def __init__(self, n_layers: int, key_padding_mask: Tensor, sink_width: int):
         self.key_padding_mask = key_padding_mask
+        self.unpadded = bool(key_padding_mask.all())  # lets the kernels skip masking
         self.sink_width = sink_width
         self.layer_stats: dict[int, dict[str, Tensor]] = {}
         self.value_norms: dict[int, Tensor] = {}
@@ -122,8 +123,9 @@ def _attention_with_stats(
     if layer is None:
         layer = len(session.call_order)
     session.call_order.append(layer)
+    padding = None if session.unpadded else session.key_padding_mask
     common = dict(
-        scale=scale, causal=causal, key_padding_mask=session.key_padding_mask,
+        scale=scale, causal=causal, key_padding_mask=padding,
         window=sliding_window, sink_width=session.sink_width,
     )  # fmt: skip
     if query.is_cuda:
@@ -292,8 +294,10 @@ def _forward(
     """One forward with ``session`` active; returns the residual norms per layer."""
     token = _ACTIVE.set(session)
     try:
+        # The transformer body only: the probe needs no logits, and skipping the
+        # LM head saves a [batch, T, vocab] tensor and its matmul.
         with _residual_norms(blocks) as norms, torch.inference_mode():
-            handle.model(
+            handle.model.base_model(
                 input_ids=tokens.to(handle.device),
                 attention_mask=mask.to(handle.device).long(),
                 use_cache=False,
