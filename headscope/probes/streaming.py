@@ -27,7 +27,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from headscope.kernels.attention_stats import PASS1_FIELDS, chunked_attention_stats
+from headscope.kernels.attention_stats import chunked_attention_stats
 from headscope.probes.models import ModelHandle
 
 ATTENTION_NAME = "headscope_stats"
@@ -77,17 +77,19 @@ class StreamingStatistics:
 
 
 class _Session:
-    """What the attention function writes into during one batch's forward."""
+    """One batch's forward: the attention function and the block hooks report here,
+    and each layer is reduced into the accumulator as soon as it is computed, so
+    no layer's statistics outlive its own attention call."""
 
-    def __init__(self, n_layers: int, key_padding_mask: Tensor, sink_width: int):
+    def __init__(self, accumulator: _Accumulator, key_padding_mask: Tensor, lengths: Tensor):
+        self.accumulator = accumulator
         self.key_padding_mask = key_padding_mask
         self.unpadded = bool(key_padding_mask.all())  # lets the kernels skip masking
-        self.sink_width = sink_width
-        self.layer_stats: dict[int, dict[str, Tensor]] = {}
-        self.value_norms: dict[int, Tensor] = {}
-        self.n_layers = n_layers
-        self.call_order: list[int] = []
+        self.lengths = lengths
+        self.sink_width = 1
         self.workspace: dict[str, Tensor] = {}  # score buffers shared by all layers
+        self.call_order: list[int] = []
+        self.layers_seen: set[int] = set()
 
 
 _ACTIVE: contextvars.ContextVar[_Session | None] = contextvars.ContextVar(
@@ -140,8 +142,8 @@ def _attention_with_stats(
             query, key, value, workspace=session.workspace, **common
         )
         output = output.transpose(1, 2).contiguous()
-    session.layer_stats[layer] = stats.as_dict()
-    session.value_norms[layer] = value.detach().float().norm(dim=-1)  # [b, kv, T]
+    session.accumulator.add_attention(session, layer, stats, value.detach().float().norm(dim=-1))
+    session.layers_seen.add(layer)
     return output, None
 
 
@@ -177,11 +179,11 @@ class _Accumulator:
     """float64 running sums over prompts; grows its position axis as needed."""
 
     def __init__(self, handle: ModelHandle, n_sink_keys: int):
-        arch = handle.arch
-        self.arch, self.n_sink_keys = arch, n_sink_keys
+        self.arch, self.n_sink_keys = handle.arch, n_sink_keys
         self.length = 0
         self.sums: dict[str, Tensor] = {}
         self.alpha: dict[int, Tensor] = {}
+        self.batch_alpha: Tensor | None = None
 
     def _buffer(self, name: str, *leading: int) -> Tensor:
         buffer = self.sums.get(name)
@@ -192,43 +194,53 @@ class _Accumulator:
             self.sums[name] = buffer = grown
         return buffer
 
-    def add(self, indices, lengths: Tensor, session: _Session, residual: dict[int, Tensor]):
+    def start_batch(self, mask: Tensor, lengths: Tensor) -> None:
         arch = self.arch
-        n_layers, n_heads = arch.n_layers, arch.n_heads
-        seq_len = int(session.key_padding_mask.shape[1])
-        self.length = max(self.length, seq_len)
-        valid = session.key_padding_mask.to(torch.float64).cpu()  # [b, T]
-        stacked = {
-            name: torch.stack([session.layer_stats[layer][name] for layer in range(n_layers)], 1)
-            .to(torch.float64)
-            .cpu()
-            for name in (*PASS1_FIELDS, "received")
-        }  # each [b, layer, head, T]
-        for name in PROFILE_FIELDS + ("lse",):
-            values = torch.where(valid[:, None, None].bool(), stacked[name], 0.0)
-            self._buffer(f"{name}_by_query", n_layers, n_heads)[..., :seq_len] += values.sum(0)
-        self._buffer("query_count")[..., :seq_len] += valid.sum(0)
-        received = stacked["received"]
+        self.length = max(self.length, int(mask.shape[1]))
+        self.valid = mask.to(torch.float64).cpu()  # [b, T]
+        seq_len = mask.shape[1]
         positions = torch.arange(seq_len, dtype=torch.float64)
         if arch.causal:
             viewers = (lengths.to(torch.float64)[:, None] - positions[None]).clamp(min=1.0)
         else:
             viewers = lengths.to(torch.float64)[:, None].expand(-1, seq_len)
-        alpha = received / viewers[:, None, None] * valid[:, None, None]
-        self._buffer("received_by_key", n_layers, n_heads)[..., :seq_len] += received.sum(0)
-        self._buffer("alpha_by_key", n_layers, n_heads)[..., :seq_len] += alpha.sum(0)
+        self.viewers = viewers
         keep = min(seq_len, self.n_sink_keys)
+        shape = (len(lengths), arch.n_layers, arch.n_heads, self.n_sink_keys)
+        self.batch_alpha = torch.full(shape, torch.nan, dtype=torch.float64)
+        self.keep = keep
+
+    def _add(self, name: str, leading: tuple[int, ...], layer: int, values: Tensor) -> None:
+        """Add per-prompt ``values`` [b, *leading[1:], T] (zero where padded) at ``layer``."""
+        seq_len = values.shape[-1]
+        self._buffer(name, *leading)[layer, ..., :seq_len] += values.sum(0)
+
+    def add_attention(self, session: _Session, layer: int, stats, value_norms: Tensor) -> None:
+        arch, valid = self.arch, self.valid
+        heads = (arch.n_layers, arch.n_heads)
+        row_valid = valid[:, None]  # [b, 1, T]
+        for name in PROFILE_FIELDS:
+            values = getattr(stats, name).to(torch.float64).cpu() * row_valid
+            self._add(f"{name}_by_query", heads, layer, values)
+        received = stats.received.to(torch.float64).cpu()
+        alpha = received / self.viewers[:, None] * row_valid
+        self._add("received_by_key", heads, layer, received)
+        self._add("alpha_by_key", heads, layer, alpha)
+        self.batch_alpha[:, layer, :, : self.keep] = alpha[..., : self.keep]
+        values = value_norms.to(torch.float64).cpu() * row_valid
+        self._add("value_norm", (arch.n_layers, arch.n_kv_heads), layer, values)
+
+    def add_residual(self, layer: int, norms: Tensor) -> None:
+        values = norms.to(torch.float64).cpu() * self.valid
+        self._add("residual_norm", (self.arch.n_layers,), layer, values)
+
+    def end_batch(self, indices: list[int], lengths: Tensor) -> None:
+        seq_len = self.valid.shape[1]
+        self._buffer("query_count")[..., :seq_len] += self.valid.sum(0)
         for row, prompt in enumerate(indices):
-            kept = torch.full((n_layers, n_heads, self.n_sink_keys), torch.nan, dtype=torch.float64)
-            usable = min(keep, int(lengths[row]))
-            kept[..., :usable] = alpha[row, ..., :usable]
-            self.alpha[prompt] = kept
-        values = torch.stack([session.value_norms[layer] for layer in range(n_layers)], 1)
-        values = values.to(torch.float64).cpu() * valid[:, None, None]
-        self._buffer("value_norm", n_layers, arch.n_kv_heads)[..., :seq_len] += values.sum(0)
-        norms = torch.stack([residual[layer] for layer in range(n_layers)], 1)
-        norms = norms.to(torch.float64).cpu() * valid[:, None]
-        self._buffer("residual_norm", n_layers)[..., :seq_len] += norms.sum(0)
+            alpha = self.batch_alpha[row].clone()
+            alpha[..., int(lengths[row]) :] = torch.nan  # keys beyond this prompt's end
+            self.alpha[prompt] = alpha
 
     def result(self, prompt_set: str, lengths: list[int]) -> StreamingStatistics:
         count = self.sums["query_count"]
@@ -269,34 +281,31 @@ def _padded_batches(
 
 
 @contextlib.contextmanager
-def _residual_norms(blocks: torch.nn.ModuleList) -> Iterator[dict[int, Tensor]]:
-    """Scoped forward hooks recording ‖h‖ of each block's output per position."""
-    norms: dict[int, Tensor] = {}
+def _residual_norms(blocks: torch.nn.ModuleList, accumulator: _Accumulator) -> Iterator[None]:
+    """Scoped forward hooks adding ‖h‖ of each block's output per position."""
 
     def recorder(layer: int) -> Callable:
         def hook(_module, _inputs, output) -> None:
             hidden = output[0] if isinstance(output, tuple) else output
-            norms[layer] = hidden.detach().float().norm(dim=-1)
+            accumulator.add_residual(layer, hidden.detach().float().norm(dim=-1))
 
         return hook
 
     handles = [block.register_forward_hook(recorder(i)) for i, block in enumerate(blocks)]
     try:
-        yield norms
+        yield
     finally:
         for handle in handles:
             handle.remove()
 
 
-def _forward(
-    handle: ModelHandle, blocks, tokens: Tensor, mask: Tensor, session: _Session
-) -> dict[int, Tensor]:
-    """One forward with ``session`` active; returns the residual norms per layer."""
+def _forward(handle: ModelHandle, blocks, tokens: Tensor, mask: Tensor, session: _Session):
+    """One forward with ``session`` active (statistics flow into its accumulator)."""
     token = _ACTIVE.set(session)
     try:
         # The transformer body only: the probe needs no logits, and skipping the
         # LM head saves a [batch, T, vocab] tensor and its matmul.
-        with _residual_norms(blocks) as norms, torch.inference_mode():
+        with _residual_norms(blocks, session.accumulator), torch.inference_mode():
             handle.model.base_model(
                 input_ids=tokens.to(handle.device),
                 attention_mask=mask.to(handle.device).long(),
@@ -304,7 +313,6 @@ def _forward(
             )
     finally:
         _ACTIVE.reset(token)
-    return norms
 
 
 def probe_streaming(
@@ -328,15 +336,16 @@ def probe_streaming(
     with streaming_attention(handle):
         for indices, tokens, lengths in _padded_batches(prompts, batch_size, pad_id):
             mask = torch.arange(tokens.shape[1])[None] < lengths[:, None]
-            session = _Session(arch.n_layers, mask.to(handle.device), sink_width=1)
-            residual = _forward(handle, blocks, tokens, mask, session)
-            if len(session.layer_stats) != arch.n_layers:
+            accumulator.start_batch(mask, lengths)
+            session = _Session(accumulator, mask.to(handle.device), lengths)
+            _forward(handle, blocks, tokens, mask, session)
+            if len(session.layers_seen) != arch.n_layers:
                 raise RuntimeError(
-                    f"the attention function ran for {len(session.layer_stats)} of "
+                    f"the attention function ran for {len(session.layers_seen)} of "
                     f"{arch.n_layers} layers; this architecture does not route attention "
                     "through transformers' AttentionInterface"
                 )
-            accumulator.add(indices, lengths, session, residual)
+            accumulator.end_batch(indices, lengths)
             if on_batch is not None:
                 on_batch(len(indices))
     return accumulator.result(prompts.name, prompts.lengths)

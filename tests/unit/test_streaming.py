@@ -1,0 +1,60 @@
+"""The streaming probe on tiny models: equal to the full-pattern probe, padded or
+not, on every tiny architecture; scoped; deterministic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from headscope.data import get_prompt_set
+from headscope.probes.models import load_model
+from headscope.probes.patterns import probe_patterns
+from headscope.probes.streaming import ATTENTION_NAME, probe_streaming, streaming_attention
+
+TOLERANCE = 1e-5
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert torch.equal(a.isnan(), b.isnan())
+    both = ~a.isnan()
+    return float((a[both] - b[both]).abs().max())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3", "bert"])
+@pytest.mark.parametrize("prompt_set", ["prose", "ordinal"])
+def test_streaming_equals_full_patterns(arch, prompt_set):
+    handle = load_model(f"tiny:{arch}")
+    # gemma3's tiny config has a 16-token sliding window: 33 tokens cross it
+    prompts = get_prompt_set(prompt_set, n_prompts=6, seq_len=33).tokenize(
+        handle.tokenizer, bos_token_id=handle.arch.bos_token_id
+    )
+    if prompt_set == "ordinal":
+        assert len(set(prompts.lengths)) > 1  # unequal lengths: right padding
+    streaming = probe_streaming(handle, prompts, batch_size=4)
+    patterns = probe_patterns(handle, prompts, batch_size=4)
+    assert _max_diff(streaming.sink_alpha, patterns.sink_alpha) <= TOLERANCE
+    assert _max_diff(streaming.sink_alpha_by_key, patterns.sink_alpha_by_key) <= TOLERANCE
+    assert _max_diff(streaming.entropy_by_query, patterns.entropy_by_query) <= TOLERANCE
+    assert streaming.residual_norm_by_pos.shape == (2, max(prompts.lengths))
+    assert (streaming.residual_norm_by_pos > 0).all()
+
+
+def test_probe_is_scoped_and_deterministic(tiny_llama):
+    prompts = get_prompt_set("ordinal").tokenize(
+        tiny_llama.tokenizer, bos_token_id=tiny_llama.arch.bos_token_id
+    )
+    before = tiny_llama.model.config._attn_implementation
+    first = probe_streaming(tiny_llama, prompts, batch_size=5)
+    second = probe_streaming(tiny_llama, prompts, batch_size=5)
+    assert tiny_llama.model.config._attn_implementation == before != ATTENTION_NAME
+    for name, value in first.tensors().items():
+        assert torch.equal(value.nan_to_num(-1), second.tensors()[name].nan_to_num(-1)), name
+
+
+def test_attention_function_outside_a_probe_is_plain_sdpa(tiny_llama):
+    tokens = torch.tensor([[0, 17, 300, 41, 17, 300]])
+    with torch.inference_mode():
+        expected = tiny_llama.model(tokens).logits
+        with streaming_attention(tiny_llama):
+            inside = tiny_llama.model(tokens).logits
+    assert torch.allclose(expected, inside, atol=1e-5)
