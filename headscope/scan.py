@@ -132,6 +132,8 @@ def scan(
         overrides["detectors"] = tuple(d.strip() for d in overrides["detectors"].split(",") if d)
     if isinstance(model, str):
         overrides["model"] = model
+    elif isinstance(model, ModelHandle):
+        overrides["model"] = model.spec
     config = ScanConfig(**{**(asdict(config) if config else {}), **overrides})
     detectors = resolve_detectors(list(config.detectors) if config.detectors else None)
     prompt_sets = [
@@ -197,7 +199,7 @@ def scan(
             {"name": d.name, "role": d.role, "primary_prompt_set": d.primary_prompt_set}
             for d in detectors
         ],
-        "config": {k: v for k, v in asdict(config).items()},
+        "config": asdict(config),
         "captures": {
             "streaming": "headscope attention function: chunked/Triton statistics kernels",
             "patterns": "TransformerLens bridge hook_pattern, reduced per layer",

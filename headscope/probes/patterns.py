@@ -248,6 +248,17 @@ class _Accumulator:
         )
 
 
+PATTERN_BYTES_BUDGET = 1 << 30
+
+
+def _fitting_batch_size(batch_size: int, n_heads: int, max_len: int) -> int:
+    """Shrink batches so one layer's eager pattern (and its softmax temporaries,
+    about 3 copies) stays under ~1 GiB: this path is for short prompts, and
+    long ones should not exhaust memory because a batch size was left at its default."""
+    per_prompt = 3 * n_heads * max_len * max_len * 4
+    return max(1, min(batch_size, PATTERN_BYTES_BUDGET // per_prompt))
+
+
 def probe_patterns(
     handle: ModelHandle,
     prompts,
@@ -267,6 +278,7 @@ def probe_patterns(
     arch = handle.arch
     bridge = handle.bridge
     accumulator = _Accumulator(arch.n_layers, arch.n_heads, n_sink_keys, arch.causal)
+    batch_size = _fitting_batch_size(batch_size, arch.n_heads, max(prompts.lengths, default=1))
     sample_rows: dict[int, Tensor] = {}
     sample_tokens: Tensor | None = None
     for indices, tokens in prompts.batches(batch_size):
