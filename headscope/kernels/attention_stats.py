@@ -79,7 +79,7 @@ def check_inputs(
     if t_q > t_k:
         raise ValueError(f"more queries ({t_q}) than keys ({t_k}): queries must be the last keys")
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise TypeError(f"unsupported dtype {q.dtype}; use float32, float16 or bfloat16")
+        raise TypeError(f"unsupported dtype {q.dtype}; use float32, float16, bfloat16 or float64")
     if k.dtype != q.dtype or k.device != q.device:
         raise TypeError("q and k must share dtype and device")
     if key_padding_mask is not None and (
