@@ -63,7 +63,6 @@ class ArchInfo:
     causal: bool
     bos_token_id: int | None
     prepend_bos: bool
-    has_lm_head: bool
     max_positions: int | None
 
     @property
@@ -319,7 +318,6 @@ def arch_info(config: Any, tokenizer: Any) -> ArchInfo:
         causal=causal,
         bos_token_id=None if bos is None else int(bos),
         prepend_bos=bos is not None,
-        has_lm_head=causal or getattr(config, "_headscope_has_mlm_head", True),
         max_positions=pick("max_position_embeddings", "n_positions"),
     )
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float, Int
@@ -153,7 +153,6 @@ class PatternStatistics:
     entropy_by_query: Float[Tensor, "layer head query_pos"]
     sample_tokens: Int[Tensor, " query_pos"] | None = None
     sample_patterns: Float[Tensor, "layer head query_pos key_pos"] | None = None
-    extra: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def n_prompts(self) -> int:

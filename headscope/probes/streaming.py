@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float
@@ -29,10 +29,10 @@ from torch import Tensor
 
 from headscope.kernels.attention_stats import chunked_attention_stats
 from headscope.probes.models import ModelHandle
+from headscope.probes.patterns import DEFAULT_SINK_KEYS
 
 ATTENTION_NAME = "headscope_stats"
 PROFILE_FIELDS = ("entropy", "max_prob", "sink_mass", "mean_distance")
-DEFAULT_SINK_KEYS = 8
 
 
 @dataclass(kw_only=True)
@@ -52,7 +52,6 @@ class StreamingStatistics:
     profiles: dict[str, Float[Tensor, "layer head query_pos"]]
     residual_norm_by_pos: Float[Tensor, "layer query_pos"]
     value_norm_by_pos: Float[Tensor, "layer kv_head query_pos"]
-    extra: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def n_prompts(self) -> int:
