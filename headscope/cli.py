@@ -107,7 +107,7 @@ def scan(
         f"(model load {timing['model_load_s']:.1f} s)"
     )
     if report:
-        console.print(build_report(result.manifest, result.head_tables))
+        console.print(build_report(result.manifest, [*result.head_tables, *result.layer_tables]))
 
 
 @app.command()
@@ -121,16 +121,27 @@ def report(
     prompt_set: Annotated[
         str | None, typer.Option(help="prompt set for --matrix (default: the detector's own)")
     ] = None,
-    markdown: Annotated[bool, typer.Option(help="print --matrix as Markdown")] = False,
+    markdown: Annotated[bool, typer.Option(help="print --matrix or --sinks as Markdown")] = False,
+    sinks: Annotated[
+        bool, typer.Option(help="instead, print only the summary of the sink analyses")
+    ] = False,
 ) -> None:
-    """Print the top heads per role and the sink rates of a run."""
-    from headscope.report import build_report, score_matrix
+    """Print the sink analyses, the top heads per role and the flagged layers of a run."""
+    from headscope.report import build_report, score_matrix, sink_summary_table
     from headscope.runs import open_run
 
     try:
         opened = open_run(run)
+        tables = [*opened.head_tables(), *opened.layer_tables()]
+        if sinks:
+            summary = sink_summary_table(tables, markdown=markdown)
+            if markdown:
+                print(summary)
+            else:
+                console.print(summary)
+            return
         if matrix is None:
-            console.print(build_report(opened.manifest, opened.head_tables(), top=top))
+            console.print(build_report(opened.manifest, tables, top=top))
             return
         grid = score_matrix(
             opened.head_table(matrix, prompt_set), markdown=markdown, digits=3 if markdown else 2

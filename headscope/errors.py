@@ -11,3 +11,7 @@ from __future__ import annotations
 
 class HeadscopeError(Exception):
     """A user-facing error with a one-line message that says what to do."""
+
+
+class NotApplicable(HeadscopeError):
+    """An analysis that cannot run on this model or input; a scan skips it and says why."""

@@ -1,8 +1,9 @@
-"""Text report of a run: model, prompt sets, sink rates and the top heads per role.
+"""Text report of a run: model, prompt sets, the sink suite and the top heads per role.
 
 Returns rich renderables so the CLI prints them and tests can render them to
 plain text. Each role leads with its primary prompt set (the set on which it
-is defined, e.g. induction on repeated random tokens).
+is defined, e.g. induction on repeated random tokens). ``sink_summary`` gathers
+the sink analyses into one table (also as Markdown, for READMEs and notes).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from headscope.analyses.tables import HeadTable
+from headscope.analyses.tables import HeadTable, LayerTable
 
 
 def _sink_rates(tables: Sequence[HeadTable]) -> Table:
@@ -47,6 +48,111 @@ def _sink_rates(tables: Sequence[HeadTable]) -> Table:
     return table
 
 
+def _find(tables, detector: str, prompt_set: str | None = None):
+    return next(
+        (t for t in tables if t.detector == detector and prompt_set in (None, t.prompt_set)),
+        None,
+    )
+
+
+def _format(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value) or "none"
+    return str(value)
+
+
+def sink_summary(tables: Sequence[HeadTable | LayerTable]) -> list[tuple[str, str]]:
+    """(quantity, value) rows of the sink analyses present in ``tables``."""
+    rows: list[tuple[str, str]] = []
+    for t in tables:
+        if t.detector == "first_token_sink":
+            s = t.summary
+            rows.append(
+                (f"Sink_1^{t.params['epsilon']:g} on {t.prompt_set} (% of heads)",
+                 f"{s['sink_rate']:.1f} (sd {s['sink_rate_sd_over_prompts']:.1f} over "
+                 f"{s['n_prompts']} prompts)")
+            )  # fmt: skip
+    for t in tables:
+        if t.detector == "hidden_sink":
+            s = t.summary
+            rows.append(
+                (f"heads with hidden sinks on {t.prompt_set} (on >= "
+                 f"{t.params['min_fraction']:.0%} of prompts / on any)",
+                 f"{s['n_heads_flagged']} / {s['n_heads_with_any_hidden_sink']} of {len(t.frame)}")
+            )  # fmt: skip
+    for t in tables:
+        if t.detector == "massive_activations":
+            s = t.summary
+            rows.append(
+                (f"massive activations on {t.prompt_set}: dims (first layer)",
+                 f"{_format(s['massive_dims'])} ({_format(s['first_layer'])}); "
+                 f"max |h| {s['max_abs']:.0f}")
+            )  # fmt: skip
+    for detector, label in (("residual_peak", "residual-state peak"),
+                            ("value_drain", "value-state drain")):  # fmt: skip
+        t = _find(tables, detector, "prose") or _find(tables, detector)
+        if t is not None:
+            flagged = t.flagged()["layer"].sort_values().tolist()
+            rows.append(
+                (f"{label} at position {t.params['position']} on {t.prompt_set}: layers",
+                 _format(flagged))
+            )  # fmt: skip
+    t = _find(tables, "active_dormant")
+    if t is not None:
+        rows.append(
+            (f"active-dormant heads over {t.prompt_set}", str(t.summary["n_active_dormant"]))
+        )
+    t = _find(tables, "massive_intervention")
+    if t is not None:
+        s = t.summary
+        rows.append(
+            (f"{t.prompt_set} perplexity, massive entries (layer {s['layer']}, dims "
+             f"{_format(s['dims'])}): untouched / mean / zero",
+             f"{s['ppl_original']:.2f} / {s['ppl_mean']:.2f} / {s['ppl_zero']:.4g}")
+        )  # fmt: skip
+    t = _find(tables, "streaming_window")
+    if t is not None:
+        s, p = t.summary, t.params
+        k = p["n_sink_tokens"]
+        rows.append(
+            (f"{t.prompt_set} perplexity past the window (T {p['seq_len']}, W {p['window']}): "
+             f"full / window 0 sinks / window {k} sinks",
+             f"{s['ppl_full_past_window']:.2f} / {s['ppl_window_0_sinks_past_window']:.4g} / "
+             f"{s[f'ppl_window_{k}_sinks_past_window']:.2f}")
+        )  # fmt: skip
+    return rows
+
+
+def sink_summary_table(tables: Sequence[HeadTable | LayerTable], *, markdown: bool = False):
+    rows = sink_summary(tables)
+    if markdown:
+        lines = ["| quantity | value |", "|---|---|"]
+        return "\n".join(lines + [f"| {q} | {v} |" for q, v in rows])
+    table = Table(title="Attention sinks", min_width=60)
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _flagged_layers(table: LayerTable) -> Table:
+    out = Table(
+        title=f"{table.detector} on {table.prompt_set}: "
+        f"{int(table.frame['flagged'].sum())} of {len(table.frame)} layers flagged",
+        min_width=60,
+    )
+    for column in ("layer", "score", "flagged"):
+        out.add_column(column, justify="right" if column == "score" else "left")
+    for _, row in table.frame.iterrows():
+        out.add_row(f"L{row['layer']}", f"{row['score']:.4g}", "yes" if row["flagged"] else "")
+    return out
+
+
 def _top_heads(table: HeadTable, n: int) -> Table:
     out = Table(
         title=f"{table.detector} on {table.prompt_set}: top {n} "
@@ -62,7 +168,9 @@ def _top_heads(table: HeadTable, n: int) -> Table:
     return out
 
 
-def build_report(manifest: dict[str, Any], tables: Sequence[HeadTable], *, top: int = 5) -> Group:
+def build_report(
+    manifest: dict[str, Any], tables: Sequence[HeadTable | LayerTable], *, top: int = 5
+) -> Group:
     model = manifest.get("model", {})
     arch = model.get("arch", {})
     header = Text.assemble(
@@ -78,11 +186,18 @@ def build_report(manifest: dict[str, Any], tables: Sequence[HeadTable], *, top: 
     parts: list[Any] = [header]
     if any(t.detector == "first_token_sink" for t in tables):
         parts.append(_sink_rates(tables))
+    if sink_summary(tables):
+        parts.append(sink_summary_table(tables))
     primary = {d["name"]: d["primary_prompt_set"] for d in manifest.get("detectors", [])}
     for detector in dict.fromkeys(t.detector for t in tables):
         own = [t for t in tables if t.detector == detector]
         lead = next((t for t in own if t.prompt_set == primary.get(detector)), own[0])
-        parts.append(_top_heads(lead, top))
+        if isinstance(lead, HeadTable):
+            parts.append(_top_heads(lead, top))
+        elif detector != "massive_intervention":  # its one row is in the sink table
+            parts.append(_flagged_layers(lead))
+    for skipped in manifest.get("skipped", []):
+        parts.append(Text(f"skipped {skipped['detector']}: {skipped['reason']}"))
     return Group(*parts)
 
 

@@ -14,9 +14,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from headscope.analyses import HeadTable, resolve_detectors
+from headscope.analyses import HeadTable, LayerTable, resolve_detectors
+from headscope.analyses.registry import Detector
 from headscope.data import get_prompt_set
-from headscope.errors import HeadscopeError
+from headscope.errors import HeadscopeError, NotApplicable
 from headscope.probes.models import DEFAULT_MODEL, ModelHandle, load_model
 from headscope.probes.patterns import DEFAULT_SINK_KEYS, probe_patterns
 from headscope.probes.streaming import probe_streaming
@@ -79,18 +80,29 @@ class ScanResult:
     manifest: dict[str, Any]
     head_tables: list[HeadTable]
     stats: dict[str, dict[str, Any]]  # prompt set -> capture -> statistics
+    layer_tables: list[LayerTable] = field(default_factory=list)
     path: Path | None = None
 
-    def head_table(self, detector: str, prompt_set: str | None = None) -> HeadTable:
-        for table in self.head_tables:
+    def table(self, detector: str, prompt_set: str | None = None) -> HeadTable | LayerTable:
+        """The table of ``detector`` (on ``prompt_set``, else its first one)."""
+        for table in [*self.head_tables, *self.layer_tables]:
             if table.detector == detector and prompt_set in (None, table.prompt_set):
                 return table
+        skipped = {s["detector"]: s["reason"] for s in self.manifest.get("skipped", [])}
+        if detector in skipped:
+            raise HeadscopeError(f"detector '{detector}' was skipped: {skipped[detector]}")
         raise HeadscopeError(f"no table for detector '{detector}' on prompt set '{prompt_set}'")
+
+    def head_table(self, detector: str, prompt_set: str | None = None) -> HeadTable:
+        table = self.table(detector, prompt_set)
+        if not isinstance(table, HeadTable):
+            raise HeadscopeError(f"detector '{detector}' gives a layer table; use table()")
+        return table
 
     def _repr_html_(self) -> str:
         model = self.manifest["model"]["spec"]
         parts = [f"<h4>headscope scan of {model}</h4>"]
-        parts += [table._repr_html_() for table in self.head_tables]
+        parts += [table._repr_html_() for table in [*self.head_tables, *self.layer_tables]]
         return "\n".join(parts)
 
 
@@ -159,6 +171,8 @@ def scan(
         for ps in prompt_sets
     }
     captures = {d.capture for d in detectors}
+    if "model" in captures and "massive_intervention" in {d.name for d in detectors}:
+        captures.add("streaming")  # its detection reuses the streaming statistics
     stats: dict[str, dict[str, Any]] = {name: {} for name in tokenized}
     for prompt_set in prompt_sets:
         prompts = tokenized[prompt_set.name]
@@ -176,9 +190,9 @@ def scan(
             )
             timing[f"probe_{prompt_set.name}_{capture}_s"] = round(time.perf_counter() - t0, 3)
 
-    tables = [
-        detector.run(stats[name][detector.capture]) for detector in detectors for name in stats
-    ]
+    tables, skipped = _run_detectors(
+        detectors, handle, stats, config=config, on_progress=on_progress, timing=timing
+    )
     timing["total_s"] = round(time.perf_counter() - started, 3)
     manifest = {
         "kind": "scan",
@@ -205,8 +219,13 @@ def scan(
             "patterns": "TransformerLens bridge hook_pattern, reduced per layer",
         },
         "timing": timing,
+        "skipped": skipped,
     }
-    result = ScanResult(manifest=manifest, head_tables=tables, stats=stats)
+    head_tables = [t for t in tables if isinstance(t, HeadTable)]
+    layer_tables = [t for t in tables if isinstance(t, LayerTable)]
+    result = ScanResult(
+        manifest=manifest, head_tables=head_tables, layer_tables=layer_tables, stats=stats
+    )
     if out_path is not None:
         tensors = {
             f"{name}/{capture}/{key}": value
@@ -222,9 +241,49 @@ def scan(
         result.path = write_run(
             out_path,
             manifest=manifest,
-            head_tables=tables,
+            head_tables=head_tables,
+            layer_tables=layer_tables,
             tensors=tensors,
             samples=samples,
             force=force,
         )
     return result
+
+
+def _run_detectors(
+    detectors: list[Detector],
+    handle: ModelHandle,
+    stats: dict[str, dict[str, Any]],
+    *,
+    config: ScanConfig,
+    on_progress: ProgressCallback | None,
+    timing: dict[str, float],
+) -> tuple[list[HeadTable | LayerTable], list[dict[str, str]]]:
+    """Every detector's tables; those that do not apply are skipped with a reason."""
+    tables: list[HeadTable | LayerTable] = []
+    skipped: list[dict[str, str]] = []
+    for detector in detectors:
+        try:
+            if detector.capture == "model":
+                t0 = time.perf_counter()
+                streaming = {name: s["streaming"] for name, s in stats.items() if "streaming" in s}
+                if on_progress is not None:  # experiments run a few long forwards: a step bar
+                    on_progress(detector.name, 0, 1)
+                tables.append(
+                    detector.run_experiment(
+                        handle, stats_by_set=streaming, batch_size=config.batch_size
+                    )
+                )
+                if on_progress is not None:
+                    on_progress(detector.name, 1, 1)
+                timing[f"experiment_{detector.name}_s"] = round(time.perf_counter() - t0, 3)
+            elif detector.across_prompt_sets:
+                if len(stats) < 2:
+                    raise NotApplicable("it compares prompt sets and the scan has only one")
+                by_set = {name: s[detector.capture] for name, s in stats.items()}
+                tables.append(detector.run(by_set))
+            else:
+                tables += [detector.run(s[detector.capture]) for s in stats.values()]
+        except NotApplicable as reason:
+            skipped.append({"detector": detector.name, "reason": str(reason)})
+    return tables, skipped

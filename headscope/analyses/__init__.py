@@ -9,6 +9,14 @@ from headscope.analyses.classic import (
     detect_induction,
     detect_previous_token,
 )
+from headscope.analyses.dormant import ACTIVE_DORMANT_DEFAULTS, detect_active_dormant
+from headscope.analyses.hidden_sinks import HIDDEN_SINK_DEFAULTS, detect_hidden_sinks
+from headscope.analyses.massive import (
+    INTERVENTION_DEFAULTS,
+    MASSIVE_DEFAULTS,
+    detect_massive_activations,
+    run_massive_intervention,
+)
 from headscope.analyses.registry import (
     Detector,
     detector_names,
@@ -16,7 +24,14 @@ from headscope.analyses.registry import (
     register_detector,
     resolve_detectors,
 )
+from headscope.analyses.sink_norms import (
+    RESIDUAL_PEAK_DEFAULTS,
+    VALUE_DRAIN_DEFAULTS,
+    detect_residual_peak,
+    detect_value_drain,
+)
 from headscope.analyses.sinks import DEFAULT_EPSILON, detect_first_token_sink
+from headscope.analyses.streaming_window import STREAMING_WINDOW_DEFAULTS, run_streaming_window
 from headscope.analyses.tables import HeadTable, LayerTable
 
 register_detector(
@@ -60,6 +75,79 @@ register_detector(
         primary_prompt_set="prose",
         description="sink score alpha_0 > epsilon; sink rate Sink_1 (Gu et al. 2024)",
         defaults={"epsilon": DEFAULT_EPSILON, "key": 0},
+    )
+)
+register_detector(
+    Detector(
+        name="hidden_sink",
+        role="hidden-sink head",
+        function=detect_hidden_sinks,
+        primary_prompt_set="prose",
+        description="later keys with mean received attention > 0.1 (ACT, Yu et al. 2024)",
+        defaults=HIDDEN_SINK_DEFAULTS,
+    )
+)
+register_detector(
+    Detector(
+        name="massive_activations",
+        role="massive-activation layer",
+        function=detect_massive_activations,
+        primary_prompt_set="prose",
+        description="residual entries |h| > 100 and >= 1000 x layer median (Sun et al. 2024)",
+        defaults=MASSIVE_DEFAULTS,
+    )
+)
+register_detector(
+    Detector(
+        name="value_drain",
+        role="value-state drain layer",
+        function=detect_value_drain,
+        primary_prompt_set="prose",
+        description="small value vectors at the sink token (Guo et al. 2024)",
+        defaults=VALUE_DRAIN_DEFAULTS,
+    )
+)
+register_detector(
+    Detector(
+        name="residual_peak",
+        role="residual-state peak layer",
+        function=detect_residual_peak,
+        primary_prompt_set="prose",
+        description="large residual norm at the sink token (Guo et al. 2024)",
+        defaults=RESIDUAL_PEAK_DEFAULTS,
+    )
+)
+register_detector(
+    Detector(
+        name="active_dormant",
+        role="active-dormant head",
+        function=detect_active_dormant,
+        primary_prompt_set="prose",
+        description="dormant (sink-parked, small output) on some domains, active on others",
+        across_prompt_sets=True,
+        defaults=ACTIVE_DORMANT_DEFAULTS,
+    )
+)
+register_detector(
+    Detector(
+        name="massive_intervention",
+        role="massive activations: mean vs zero",
+        function=run_massive_intervention,
+        primary_prompt_set="prose-heldout",
+        description="held-out perplexity with massive activations set to their mean vs zero",
+        capture="model",
+        defaults=INTERVENTION_DEFAULTS,
+    )
+)
+register_detector(
+    Detector(
+        name="streaming_window",
+        role="StreamingLLM window attention",
+        function=run_streaming_window,
+        primary_prompt_set="prose-long",
+        description="perplexity of window attention keeping 0 vs 4 first tokens (Xiao et al.)",
+        capture="model",
+        defaults=STREAMING_WINDOW_DEFAULTS,
     )
 )
 

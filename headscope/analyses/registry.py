@@ -17,14 +17,23 @@ from headscope.errors import HeadscopeError
 
 @dataclass(frozen=True, kw_only=True)
 class Detector:
-    """A named analysis: ``function(stats, **params) -> HeadTable``.
+    """A named analysis returning a HeadTable or LayerTable.
 
     ``primary_prompt_set`` is the built-in prompt set on which the role is
     defined (induction on repeated random tokens, sinks on prose); reports lead
-    with it. ``capture`` names the probe whose statistics it reads:
-    "streaming" (kernels, memory linear in T) or "patterns" (TransformerLens
-    full patterns, reduced per layer; for token-aware scores such as the
-    classic heads). ``defaults`` are the parameters used when the caller gives none.
+    with it. ``capture`` names what it reads:
+
+    - "streaming" (kernels, memory linear in T) or "patterns" (TransformerLens
+      full patterns, reduced per layer; for token-aware scores such as the
+      classic heads): ``function(stats, **params)``, run once per prompt set,
+      or, with ``across_prompt_sets``, once with ``{prompt set: stats}`` (for
+      comparisons between domains);
+    - "model": an experiment that runs the model itself on its own inputs
+      (perplexity under an intervention): ``function(handle, *, stats_by_set,
+      batch_size, on_batch, **params)``, run once per scan; ``stats_by_set``
+      holds the scan's streaming statistics, which it may reuse.
+
+    ``defaults`` are the parameters used when the caller gives none.
     """
 
     name: str
@@ -33,23 +42,52 @@ class Detector:
     primary_prompt_set: str
     description: str
     capture: str = "streaming"
+    across_prompt_sets: bool = False
     defaults: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.capture not in CAPTURES:
             raise ValueError(f"capture must be one of {CAPTURES}, got '{self.capture}'")
+        if self.across_prompt_sets and self.capture == "model":
+            raise ValueError("a model experiment runs once per scan; across_prompt_sets is moot")
 
-    def run(self, stats: Any, **params: Any):
+    def _params(self, params: Mapping[str, Any]) -> dict[str, Any]:
         unknown = set(params) - set(self.defaults)
         if unknown:
             raise HeadscopeError(
                 f"detector '{self.name}' has no parameter(s) {sorted(unknown)}; "
                 f"it takes {sorted(self.defaults)}"
             )
-        return self.function(stats, **{**self.defaults, **params})
+        return {**self.defaults, **params}
+
+    def run(self, stats: Any, **params: Any):
+        """Run on probe statistics (one set's, or ``{set: stats}`` when across sets)."""
+        if self.capture == "model":
+            raise TypeError(f"'{self.name}' is a model experiment; use run_experiment")
+        return self.function(stats, **self._params(params))
+
+    def run_experiment(
+        self,
+        handle: Any,
+        *,
+        stats_by_set: Mapping[str, Any] | None = None,
+        batch_size: int = 8,
+        on_batch: Callable[[int], None] | None = None,
+        **params: Any,
+    ):
+        """Run a "model" experiment on ``handle``."""
+        if self.capture != "model":
+            raise TypeError(f"'{self.name}' reads probe statistics; use run")
+        return self.function(
+            handle,
+            stats_by_set=dict(stats_by_set or {}),
+            batch_size=batch_size,
+            on_batch=on_batch,
+            **self._params(params),
+        )
 
 
-CAPTURES = ("streaming", "patterns")
+CAPTURES = ("streaming", "patterns", "model")
 _REGISTRY: dict[str, Detector] = {}
 
 

@@ -45,13 +45,21 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _short(value: Any) -> str:
+    """A summary value for display: numbers to 4 significant digits, the rest as text."""
+    if isinstance(value, int | float | np.number) and not isinstance(value, bool):
+        return f"{value:.4g}"
+    text = str(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 @dataclass(frozen=True, kw_only=True)
 class _Table:
     detector: str
     prompt_set: str
     frame: pd.DataFrame
     params: Mapping[str, Any] = field(default_factory=dict)
-    summary: Mapping[str, float] = field(default_factory=dict)
+    summary: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
 
     def metadata(self) -> dict[str, Any]:
@@ -71,7 +79,7 @@ class _Table:
         return self.frame.sort_values("score", ascending=False).head(n)
 
     def _repr_html_(self) -> str:
-        summary = ", ".join(f"{k} = {v:.4g}" for k, v in self.summary.items())
+        summary = ", ".join(f"{k} = {_short(v)}" for k, v in self.summary.items())
         head = (
             f"<b>{html.escape(self.detector)}</b> on <i>{html.escape(self.prompt_set)}</i>"
             f" ({int(self.frame['flagged'].sum())} flagged of {len(self.frame)})"

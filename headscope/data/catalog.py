@@ -76,6 +76,10 @@ ORDINAL_TEXTS: tuple[str, ...] = (
 #: built-in name -> one-line description
 _DESCRIPTIONS: dict[str, str] = {
     "prose": "natural English prose: Python's built-in help topics (pydoc_data.topics)",
+    "prose-heldout": "held-out prose (32 x 256 tokens from token 40000 of the help topics), "
+    "for perplexity",
+    "prose-long": "long prose (2 texts x 2048 tokens from token 60000 of the help topics), "
+    "for window attention",
     "code": f"Python source: {len(CODE_SOURCE_FILES)} standard-library modules",
     "random-repeat": "random ordinary tokens repeated twice (BOS + 32 + 32), for induction heads",
     "repeated-token": "one random ordinary token repeated, for duplicate-token heads and sinks",
@@ -116,6 +120,30 @@ def _prose() -> PromptSet:
         texts=_pydoc_topics(),
         n_prompts=128,
         seq_len=64,
+    )
+
+
+def _prose_heldout() -> PromptSet:
+    return PromptSet(
+        name="prose-heldout",
+        description=_DESCRIPTIONS["prose-heldout"],
+        kind="text_stream",
+        texts=_pydoc_topics(),
+        n_prompts=32,
+        seq_len=256,
+        start=40_000,
+    )
+
+
+def _prose_long() -> PromptSet:
+    return PromptSet(
+        name="prose-long",
+        description=_DESCRIPTIONS["prose-long"],
+        kind="text_stream",
+        texts=_pydoc_topics(),
+        n_prompts=2,
+        seq_len=2048,
+        start=60_000,
     )
 
 
@@ -164,6 +192,8 @@ def _ordinal() -> PromptSet:
 #: name -> factory; factories are cheap except for reading the source texts (cached)
 _BUILTINS: dict[str, Callable[[], PromptSet]] = {
     "prose": _prose,
+    "prose-heldout": _prose_heldout,
+    "prose-long": _prose_long,
     "code": _code,
     "random-repeat": _random_repeat,
     "repeated-token": _repeated_token,

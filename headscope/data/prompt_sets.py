@@ -71,6 +71,13 @@ class PromptSet:
         },
     )
     seed: int = field(default=0, metadata={"help": "seed of the random kinds"})
+    start: int = field(
+        default=0,
+        metadata={
+            "help": "text_stream: token offset of the first window, so that held-out sets "
+            "cut from the same texts do not overlap the set that starts at 0"
+        },
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -91,7 +98,9 @@ class PromptSet:
         if not all(isinstance(t, str) for t in texts):
             raise HeadscopeError(f"prompt set '{self.name}': every entry of texts must be a string")
         object.__setattr__(self, "texts", texts)
-        for option, flag in (("n_prompts", "--n-prompts"), ("seq_len", "--seq-len")):
+        for option, flag in (
+            ("n_prompts", "--n-prompts"), ("seq_len", "--seq-len"), ("start", "start"),
+        ):  # fmt: skip
             value = getattr(self, option)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise HeadscopeError(
@@ -145,12 +154,13 @@ class PromptSet:
         if self.n_prompts == 0:
             raise self._empty_error("n_prompts is 0; give a positive --n-prompts")
         window = self._body_length(bos, minimum=1)
-        stream = _encode(tokenizer, DOCUMENT_SEPARATOR.join(self.texts))
+        stream = _encode(tokenizer, DOCUMENT_SEPARATOR.join(self.texts))[self.start :]
         available = len(stream) // window
         if available < self.n_prompts:
+            after = f" after token {self.start}" if self.start else ""
             raise HeadscopeError(
                 f"prompt set '{self.name}' has only {available} windows of {window} tokens"
-                f"{' (+ BOS)' if bos else ''} in its {len(stream)} tokens of text but "
+                f"{' (+ BOS)' if bos else ''} in its {len(stream)} tokens of text{after} but "
                 f"{self.n_prompts} prompts were asked; "
                 "use a smaller --n-prompts or --seq-len"
             )

@@ -14,6 +14,11 @@ Masking rules, shared by every implementation:
 - queries are the last ``query_pos`` positions of the keys (pos_i = i + T_k − T_q);
 - ``causal``: key j is visible to query i when j ≤ pos_i;
 - ``window`` W: only keys with pos_i − j < W (causal) or |pos_i − j| < W are visible;
+- ``keep_first`` k (StreamingLLM's attention sinks, Xiao et al. 2023): with a window,
+  keys j < k (key positions 0..k−1) stay visible however far outside the window they
+  are, so query i sees {j < k} ∪ window; the causal rule (j ≤ pos_i) and key padding
+  still apply to them. Without a window it changes nothing (every key in reach is
+  visible already); k = 0 (the default) is the plain sliding window;
 - ``key_padding_mask`` [batch, key_pos] (True = real token) hides padded keys, and
   for self-attention (T_q == T_k) also drops padded *queries*;
 - a row that sees no key is "fully masked": lse = −inf, every other statistic 0,
@@ -63,6 +68,7 @@ def check_inputs(
     window: int | None,
     sink_width: int,
     v: Tensor | None = None,
+    keep_first: int = 0,
 ) -> tuple[int, int, int, int, int, int]:
     """Validate shapes and dtypes; return (batch, heads, kv_heads, T_q, T_k, d_head)."""
     if q.dim() != 4 or k.dim() != 4:
@@ -90,19 +96,29 @@ def check_inputs(
         raise ValueError(f"window must be at least 1, got {window}")
     if sink_width < 0:
         raise ValueError(f"sink_width must be non-negative, got {sink_width}")
+    if keep_first < 0:
+        raise ValueError(f"keep_first must be non-negative (first keys kept), got {keep_first}")
     if v is not None and (v.shape[:3] != k.shape[:3] or v.dtype != q.dtype):
         raise ValueError(f"v {tuple(v.shape)} must match k {tuple(k.shape)} in its first 3 dims")
     return batch, heads, kv_heads, t_q, t_k, d_head
 
 
 def visibility(
-    query_positions: Tensor, key_positions: Tensor, *, causal: bool, window: int | None
+    query_positions: Tensor,
+    key_positions: Tensor,
+    *,
+    causal: bool,
+    window: int | None,
+    keep_first: int = 0,
 ) -> Bool[Tensor, "query_pos key_pos"]:
     """Which (query, key) pairs the masking rules allow, ignoring padding."""
     offset = query_positions[:, None] - key_positions[None, :]
     visible = offset >= 0 if causal else torch.ones_like(offset, dtype=torch.bool)
     if window is not None:
-        visible = visible & (offset.abs() < window)
+        in_window = offset.abs() < window
+        if keep_first > 0:  # attention sinks: the first keys escape the window
+            in_window = in_window | (key_positions < keep_first)[None, :]
+        visible = visible & in_window
     return visible
 
 
@@ -122,15 +138,19 @@ def reference_attention_stats(
     key_padding_mask: Tensor | None = None,
     window: int | None = None,
     sink_width: int = 1,
+    keep_first: int = 0,
 ) -> AttentionStats:
     """Materialize the full attention matrix in float64 and read the statistics off it."""
-    batch, heads, kv_heads, t_q, t_k, _ = check_inputs(q, k, key_padding_mask, window, sink_width)
+    batch, heads, kv_heads, t_q, t_k, _ = check_inputs(
+        q, k, key_padding_mask, window, sink_width, keep_first=keep_first
+    )
     group = heads // kv_heads
     k_full = k.to(torch.float64).repeat_interleave(group, dim=1)
     scores = torch.einsum("bhqd,bhkd->bhqk", q.to(torch.float64), k_full) * scale
     query_pos = torch.arange(t_k - t_q, t_k, device=q.device)
     key_pos = torch.arange(t_k, device=q.device)
-    visible = visibility(query_pos, key_pos, causal=causal, window=window)[None, None]
+    visible = visibility(query_pos, key_pos, causal=causal, window=window, keep_first=keep_first)
+    visible = visible[None, None]
     if key_padding_mask is not None:
         visible = visible & key_padding_mask[:, None, None, :]
     valid_rows = query_validity(key_padding_mask, t_q, t_k)
@@ -176,6 +196,15 @@ def _buffers(
     return workspace["scores"], workspace["weights"]
 
 
+def _key_block(tensor: Tensor, dim: int, first_hi: int, key_lo: int, key_hi: int) -> Tensor:
+    """The block's keys along ``dim``: [0, first_hi) then [key_lo, key_hi) (a view if
+    ``first_hi`` is 0)."""
+    near = tensor.narrow(dim, key_lo, key_hi - key_lo)
+    if not first_hi:
+        return near
+    return torch.cat((tensor.narrow(dim, 0, first_hi), near), dim)
+
+
 def chunked_attention_stats(
     q: Tensor,
     k: Tensor,
@@ -186,6 +215,7 @@ def chunked_attention_stats(
     key_padding_mask: Tensor | None = None,
     window: int | None = None,
     sink_width: int = 1,
+    keep_first: int = 0,
     block_rows: int | None = None,
     max_block_elements: int = 1 << 23,
     workspace: dict[str, Tensor] | None = None,
@@ -195,8 +225,14 @@ def chunked_attention_stats(
     For each block of query rows only the keys some row of the block can see
     are scored (causal and window trimming), as one [batch, kv_head, group,
     rows, keys] tensor: K and V are broadcast over the group, never copied.
+    With ``window`` and ``keep_first`` the scored keys are the first
+    ``keep_first`` keys (as far as the causal rule lets the block see them)
+    followed by the block's window range; when the two ranges are apart, the
+    first keys' scores are a second matmul into the first columns of the same
+    block, so memory stays block x visible keys and K is still not copied.
     Returns ``(output or None, stats)``; the output is [batch, head, query_pos,
-    d_v] in the input dtype, computed in float32 from the same probabilities.
+    d_v] in the input dtype, computed in float32 from the same probabilities
+    (so it obeys the same mask, ``keep_first`` included).
 
     CPU cost is memory traffic over the score block, so the block lives in two
     buffers reused across blocks (no page faults from fresh allocations; pass
@@ -205,7 +241,7 @@ def chunked_attention_stats(
     diagonal square, where no row can be fully masked.
     """
     batch, heads, kv_heads, t_q, t_k, d_head = check_inputs(
-        q, k, key_padding_mask, window, sink_width, v
+        q, k, key_padding_mask, window, sink_width, v, keep_first=keep_first
     )
     group = heads // kv_heads
     device = q.device
@@ -220,6 +256,7 @@ def chunked_attention_stats(
     vf = v.to(torch.float32) if v is not None else None
     valid_rows = query_validity(key_padding_mask, t_q, t_k)
     simple = causal and key_padding_mask is None and window is None
+    keep = keep_first if window is not None else 0  # no window: every key is in reach anyway
     layout = (batch, kv_heads, t_q, group)
     stats = {name: torch.zeros(layout, dtype=torch.float32, device=device) for name in PASS1_FIELDS}
     stats["lse"].fill_(float("-inf"))
@@ -233,24 +270,35 @@ def chunked_attention_stats(
     score_buffer, weight_buffer = _buffers(workspace, buffer_size, device)
     above_diagonal = torch.ones(rows, rows, dtype=torch.bool, device=device).triu(1)[:, None]
     offset = t_k - t_q
+    all_key_pos = torch.arange(t_k, device=device)
     for start in range(0, t_q, rows):
         stop = min(t_q, start + rows)
         n_rows = stop - start
         first_pos, last_pos = start + offset, stop - 1 + offset
+        reach_hi = last_pos + 1 if causal else t_k  # keys the causal rule leaves to the block
         key_lo = 0 if window is None else max(0, first_pos - window + 1)
-        key_hi = last_pos + 1 if causal else t_k
-        if window is not None and not causal:
-            key_hi = min(t_k, last_pos + window)
-        if key_hi <= key_lo:
+        key_hi = reach_hi if window is None else min(reach_hi, last_pos + window)
+        # Always-visible first keys [0, first_hi): scored apart only when they do not
+        # touch the window range [key_lo, key_hi); otherwise the ranges merge.
+        first_hi = min(keep, reach_hi)
+        if first_hi >= key_lo:
+            key_lo, key_hi, first_hi = 0, max(key_hi, first_hi), 0
+        n_keys = first_hi + key_hi - key_lo
+        if n_keys <= 0:
             continue
-        n_keys = key_hi - key_lo
         query_pos = torch.arange(first_pos, last_pos + 1, device=device)
-        key_pos = torch.arange(key_lo, key_hi, device=device)
+        key_pos = _key_block(all_key_pos, 0, first_hi, key_lo, key_hi)
         flat_shape = (batch, kv_heads, n_rows * group, n_keys)
         block_shape = (batch, kv_heads, n_rows, group, n_keys)
         flat_scores = score_buffer[: math.prod(flat_shape)].view(flat_shape)
         queries = qf[:, :, start:stop].reshape(batch, kv_heads, n_rows * group, d_head)
-        torch.matmul(queries, kf[:, :, key_lo:key_hi].transpose(-1, -2), out=flat_scores)
+        near_keys = kf[:, :, key_lo:key_hi].transpose(-1, -2)
+        if first_hi:  # two matmuls writing column ranges of the same block, K not copied
+            first_keys = kf[:, :, :first_hi].transpose(-1, -2)
+            torch.matmul(queries, first_keys, out=flat_scores[..., :first_hi])
+            torch.matmul(queries, near_keys, out=flat_scores[..., first_hi:])
+        else:
+            torch.matmul(queries, near_keys, out=flat_scores)
         scores = flat_scores.view(block_shape)
         if simple:
             # keys after the block's first query: an upper triangle in the last n_rows columns
@@ -258,10 +306,11 @@ def chunked_attention_stats(
             scores[..., n_keys - n_rows :].masked_fill_(diagonal, MASKED)
             live = None
         else:
-            visible = visibility(query_pos, key_pos, causal=causal, window=window)
+            visible = visibility(query_pos, key_pos, causal=causal, window=window, keep_first=keep)
             mask = ~visible[None, None, :, None, :]
             if key_padding_mask is not None:
-                mask = mask | ~key_padding_mask[:, None, None, None, key_lo:key_hi]
+                real = _key_block(key_padding_mask, 1, first_hi, key_lo, key_hi)
+                mask = mask | ~real[:, None, None, None, :]
             if valid_rows is not None:
                 mask = mask | ~valid_rows[:, None, start:stop, None, None]
             scores.masked_fill_(mask, MASKED)
@@ -288,7 +337,8 @@ def chunked_attention_stats(
         else:
             gaps = (query_pos[:, None] - key_pos[None, :]).abs().to(torch.float32)
             distance = (weights * gaps[:, None, :]).sum(-1) * inv_total
-        sink_hi = min(max(0, sink_width - key_lo), n_keys)
+        # key_pos is increasing, so the keys j < sink_width are a prefix of the columns
+        sink_cols = min(sink_width, first_hi) + min(max(0, sink_width - key_lo), key_hi - key_lo)
         lse = row_max + total.log()
         entropy = total.log() - centred * inv_total
         if live is not None:
@@ -301,10 +351,16 @@ def chunked_attention_stats(
         stats["max_prob"][:, :, block] = inv_total
         stats["mean_distance"][:, :, block] = distance
         probs = weights.mul_(inv_total[..., None])  # normalized in place
-        stats["sink_mass"][:, :, block] = probs[..., :sink_hi].sum(-1)
-        received[..., key_lo:key_hi] += probs.sum(2)
+        stats["sink_mass"][:, :, block] = probs[..., :sink_cols].sum(-1)
+        column_sums = probs.sum(2)
+        received[..., key_lo:key_hi] += column_sums[..., first_hi:]
+        if first_hi:
+            received[..., :first_hi] += column_sums[..., :first_hi]
         if output is not None:
-            values = probs.view(flat_shape) @ vf[:, :, key_lo:key_hi]
+            flat_probs = probs.view(flat_shape)
+            values = flat_probs[..., first_hi:] @ vf[:, :, key_lo:key_hi]
+            if first_hi:
+                values += flat_probs[..., :first_hi] @ vf[:, :, :first_hi]
             output[:, :, block] = values.view(batch, kv_heads, n_rows, group, -1)
     flat = {
         name: value.permute(0, 1, 3, 2).reshape(batch, heads, t_q) for name, value in stats.items()
@@ -328,12 +384,13 @@ def attention_stats(
     key_padding_mask: Tensor | None = None,
     window: int | None = None,
     sink_width: int = 1,
+    keep_first: int = 0,
     implementation: str = "auto",
 ) -> AttentionStats:
     """Dispatch: Triton on CUDA, chunked torch elsewhere ("reference" for tests)."""
     kwargs = dict(
         scale=scale, causal=causal, key_padding_mask=key_padding_mask, window=window,
-        sink_width=sink_width,
+        sink_width=sink_width, keep_first=keep_first,
     )  # fmt: skip
     if implementation == "auto":
         implementation = "triton" if q.is_cuda else "chunked"

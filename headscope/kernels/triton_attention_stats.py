@@ -18,11 +18,16 @@ Algorithm (METHODS §1):
   distance sums ← α·(sum). At the end lse = m + log l, entropy = log l − u/l,
   max_prob = 1/l and the two sums are divided by l. Causal programs stop at the key
   block holding the last visible key; sliding-window programs start at the first.
+  With ``keep_first`` k (window attention with attention sinks) a program first walks
+  the blocks of keys j < k that its window range misses (masked to those keys, so no
+  key is counted twice), then its window range; when the two ranges touch they are
+  walked as one.
 - Pass 2, one program per (batch·head, block of keys), walks the query blocks that
-  can see the block (causal and window bounds), recomputes the scores and sums
-  exp(s − lse_i) over queries with pass 1's lse: attention received, with no atomics,
-  so the result does not depend on scheduling. ``received_per_kv`` sums the query
-  heads of each KV head afterwards in torch.
+  can see the block (causal and window bounds; a key block holding a key j < k drops
+  the window bounds, since every row that causally reaches j sees it), recomputes the
+  scores and sums exp(s − lse_i) over queries with pass 1's lse: attention received,
+  with no atomics, so the result does not depend on scheduling. ``received_per_kv``
+  sums the query heads of each KV head afterwards in torch.
 - GQA is native: the program of query head h reads K of KV head h // group by
   pointer arithmetic; K is never repeated.
 - Masked scores are set to a finite ``MASKED`` (−1e30) and their weights to exactly
@@ -33,7 +38,8 @@ Algorithm (METHODS §1):
   whose products are exact in float32 and accumulated in float32, and float32 inputs
   use ``input_precision="ieee"`` (no tf32 rounding of the scores).
 - The launcher passes the key padding mask as an int8 [batch, key_pos] tensor and
-  the options as constexpr flags (causal, window, padding, dropping padded queries),
+  the options as constexpr flags (causal, window, padding, dropping padded queries,
+  always-visible first keys; their count k itself is a runtime argument),
   so each combination compiles without the masking it does not use. Blocks are
   fixed, no autotuning: 64 x 64 on CUDA (32 x 32 for d_head > 128), 32 x 32 under
   the interpreter; d_head is padded to a power of two ≥ 16 by masked loads.
@@ -66,8 +72,9 @@ def _live_rows(rows, b, pad_ptr, stride_pad_b, t_q, DROP_PADDED_QUERIES: tl.cons
 
 @triton.jit
 def _visible(
-    rows, keys, live_rows, b, pad_ptr, stride_pad_b, t_q, t_k, window,
+    rows, keys, live_rows, b, pad_ptr, stride_pad_b, t_q, t_k, window, keep_first,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PADDING: tl.constexpr,
+    KEEP_FIRST: tl.constexpr,
 ):  # fmt: skip
     """[rows, keys] mask of the (query, key) pairs the masking rules allow."""
     offset = (rows + (t_k - t_q))[:, None] - keys[None, :]  # pos_i − j
@@ -75,7 +82,10 @@ def _visible(
     if CAUSAL:
         visible = visible & (offset >= 0)
     if HAS_WINDOW:
-        visible = visible & (offset < window) & (offset > -window)
+        in_window = (offset < window) & (offset > -window)
+        if KEEP_FIRST:  # the first keep_first keys escape the window
+            in_window = in_window | (keys < keep_first)[None, :]
+        visible = visible & in_window
     if HAS_PADDING:
         real = tl.load(pad_ptr + b * stride_pad_b + keys, mask=keys < t_k, other=0)
         visible = visible & (real != 0)[None, :]
@@ -87,9 +97,9 @@ def _row_stats_kernel(
     q_ptr, k_ptr, pad_ptr,
     lse_ptr, entropy_ptr, max_prob_ptr, sink_mass_ptr, mean_distance_ptr,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_pad_b,
-    heads, group, t_q, t_k, d_head, scale, window, sink_width,
+    heads, group, t_q, t_k, d_head, scale, window, keep_first, sink_width,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PADDING: tl.constexpr,
-    DROP_PADDED_QUERIES: tl.constexpr, UPCAST_FOR_DOT: tl.constexpr,
+    DROP_PADDED_QUERIES: tl.constexpr, KEEP_FIRST: tl.constexpr, UPCAST_FOR_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Pass 1: per query row, online softmax over key blocks -> lse and row statistics."""
@@ -115,9 +125,19 @@ def _row_stats_kernel(
     key_hi = t_k + key_lo
     if CAUSAL:
         key_hi = tl.minimum(key_hi, last_pos + 1)
+    first_hi = key_lo  # always-visible first keys [0, first_hi) below the window range
     if HAS_WINDOW:
+        reach_hi = key_hi  # what the causal rule leaves to the block
         key_lo = tl.maximum(key_lo, first_pos - window + 1)
         key_hi = tl.minimum(key_hi, last_pos + window)
+        if KEEP_FIRST:
+            first_hi = tl.minimum(reach_hi, keep_first)
+            touching = first_hi >= key_lo  # then [0, first_hi) ∪ [key_lo, key_hi) is one range
+            key_hi = tl.where(touching, tl.maximum(key_hi, first_hi), key_hi)
+            key_lo = tl.where(touching, 0, key_lo)
+            first_hi = tl.where(touching, 0, first_hi)
+    first_blocks = tl.cdiv(first_hi, BLOCK_N)
+    n_blocks = first_blocks + tl.cdiv(tl.maximum(key_hi - key_lo, 0), BLOCK_N)
 
     positions = (rows + (t_k - t_q))[:, None]
     row_max = tl.full([BLOCK_M], MASKED_SCORE, tl.float32)
@@ -125,7 +145,11 @@ def _row_stats_kernel(
     centred_total = tl.zeros([BLOCK_M], tl.float32)  # u
     sink_total = tl.zeros([BLOCK_M], tl.float32)
     distance_total = tl.zeros([BLOCK_M], tl.float32)
-    for start in range(key_lo, key_hi, BLOCK_N):
+    for block in range(0, n_blocks):
+        start = key_lo + block * BLOCK_N
+        if KEEP_FIRST:  # blocks < first_blocks walk [0, first_hi), the rest the window range
+            near_start = key_lo + (block - first_blocks) * BLOCK_N
+            start = tl.where(block < first_blocks, block * BLOCK_N, near_start)
         keys = start + tl.arange(0, BLOCK_N)
         k_mask = (keys < t_k)[:, None] & (dims < d_head)[None, :]
         k = tl.load(k_base + keys[:, None] * stride_kt + dims[None, :], mask=k_mask, other=0.0)
@@ -133,9 +157,11 @@ def _row_stats_kernel(
             k = k.to(tl.float32)
         scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
         visible = _visible(
-            rows, keys, live_rows, b, pad_ptr, stride_pad_b, t_q, t_k, window,
-            CAUSAL, HAS_WINDOW, HAS_PADDING,
+            rows, keys, live_rows, b, pad_ptr, stride_pad_b, t_q, t_k, window, keep_first,
+            CAUSAL, HAS_WINDOW, HAS_PADDING, KEEP_FIRST,
         )  # fmt: skip
+        if KEEP_FIRST:  # keys ≥ first_hi of the last first-keys block are the window's
+            visible = visible & ((keys < first_hi) | (block >= first_blocks))[None, :]
         scores = tl.where(visible, scores, MASKED_SCORE)
         new_max = tl.maximum(row_max, tl.max(scores, axis=1))
         shift = row_max - new_max  # δ ≤ 0
@@ -170,9 +196,9 @@ def _row_stats_kernel(
 def _received_kernel(
     q_ptr, k_ptr, pad_ptr, lse_ptr, received_ptr,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_pad_b,
-    heads, group, t_q, t_k, d_head, scale, window,
+    heads, group, t_q, t_k, d_head, scale, window, keep_first,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PADDING: tl.constexpr,
-    DROP_PADDED_QUERIES: tl.constexpr, UPCAST_FOR_DOT: tl.constexpr,
+    DROP_PADDED_QUERIES: tl.constexpr, KEEP_FIRST: tl.constexpr, UPCAST_FOR_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Pass 2: per key, Σ_i exp(s_ij − lse_i) over the query blocks that can see it."""
@@ -199,8 +225,13 @@ def _received_kernel(
     if CAUSAL:
         row_lo = tl.maximum(row_lo, first_key - (t_k - t_q))
     if HAS_WINDOW:
-        row_lo = tl.maximum(row_lo, first_key - window + 1 - (t_k - t_q))
-        row_hi = tl.minimum(row_hi, last_key + window - (t_k - t_q))
+        window_lo = tl.maximum(row_lo, first_key - window + 1 - (t_k - t_q))
+        window_hi = tl.minimum(row_hi, last_key + window - (t_k - t_q))
+        if KEEP_FIRST:  # a block holding a key j < keep_first: every row reaching j sees it
+            near = first_key >= keep_first
+            window_lo = tl.where(near, window_lo, row_lo)
+            window_hi = tl.where(near, window_hi, row_hi)
+        row_lo, row_hi = window_lo, window_hi
 
     received = tl.zeros([BLOCK_N], tl.float32)
     lse_base = lse_ptr + batch_head.to(tl.int64) * t_q
@@ -215,8 +246,8 @@ def _received_kernel(
             q = q.to(tl.float32)
         scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
         visible = _visible(
-            rows, keys, live_rows, b, pad_ptr, stride_pad_b, t_q, t_k, window,
-            CAUSAL, HAS_WINDOW, HAS_PADDING,
+            rows, keys, live_rows, b, pad_ptr, stride_pad_b, t_q, t_k, window, keep_first,
+            CAUSAL, HAS_WINDOW, HAS_PADDING, KEEP_FIRST,
         )  # fmt: skip
         log_probs = tl.where(visible, scores - tl.where(live_rows, lse, 0.0)[:, None], MASKED_SCORE)
         received += tl.sum(tl.where(visible, tl.exp(log_probs), 0.0), axis=0)
@@ -243,6 +274,7 @@ def triton_attention_stats(
     key_padding_mask: Tensor | None = None,
     window: int | None = None,
     sink_width: int = 1,
+    keep_first: int = 0,
     block_m: int | None = None,
     block_n: int | None = None,
     pass2: bool = True,
@@ -256,7 +288,7 @@ def triton_attention_stats(
     ``received_per_kv`` are then NaN, "not computed", never to be read as data.
     """
     batch, heads, kv_heads, t_q, t_k, d_head = check_inputs(
-        q, k, key_padding_mask, window, sink_width
+        q, k, key_padding_mask, window, sink_width, keep_first=keep_first
     )
     if not q.is_cuda and not _INTERPRETING:
         raise RuntimeError(
@@ -285,19 +317,21 @@ def triton_attention_stats(
     )
     # |pos_i − j| < T_k always, so a wider window is no window, and stays in int32.
     window_size = min(window, t_k + 1) if window is not None else 0
+    # keep_first matters only with a window, and k ≥ T_k keeps every key
+    keep_count = min(keep_first, t_k) if window is not None else 0
     block_d = triton.next_power_of_2(max(16, d_head))
     default_block = 32 if _INTERPRETING else (64 if block_d <= 128 else 32)
     block_m = _block_size(block_m, default_block, "block_m")
     block_n = _block_size(block_n, default_block, "block_n")
     flags = dict(
         CAUSAL=bool(causal), HAS_WINDOW=window is not None, HAS_PADDING=has_padding,
-        DROP_PADDED_QUERIES=has_padding and t_q == t_k,
+        DROP_PADDED_QUERIES=has_padding and t_q == t_k, KEEP_FIRST=keep_count > 0,
         # fp16/bf16 products are exact in float32: on CUDA the dot keeps them 16-bit
         UPCAST_FOR_DOT=_INTERPRETING or q.dtype not in (torch.float16, torch.bfloat16),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4, num_stages=2,
     )  # fmt: skip
     strides = (*q.stride()[:3], *k.stride()[:3], padding.stride(0))
-    sizes = (heads, group, t_q, t_k, d_head, float(scale), window_size)
+    sizes = (heads, group, t_q, t_k, d_head, float(scale), window_size, keep_count)
 
     batch_step = max(1, MAX_GRID_Y // heads)
     for first in range(0, batch, batch_step):  # one launch unless batch x head > 65535

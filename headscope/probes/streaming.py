@@ -9,11 +9,19 @@ output and the Triton kernels the statistics. No [T, T] tensor of any layer is
 kept; the largest transient is one query block of scores.
 
 Accumulated in float64 over a prompt set, per layer x head: the mean of every
-pass-1 statistic and its profile per query position, the attention each key
-position receives, the per-prompt sink scores α_k of the first keys, and the
-residual-stream and value-vector norms per position (for the sink analyses).
+pass-1 statistic and its profile per query position, the norm of each head's
+output, the attention each key position receives, the per-prompt sink scores
+α_k of the first keys, and the residual-stream and value-vector norms per
+position (for the sink analyses). Two sparse records serve the sink analyses
+that need token identity: hidden-sink candidates (per prompt, layer and head,
+the later keys whose α_j passes a floor) and the largest residual-stream
+entries of every prompt and layer (massive activations) with the layer median.
 Prompts of unequal length are right-padded; padded queries and keys are
 masked out of every statistic.
+
+A session may also override the attention itself (``window`` keys plus the
+first ``keep_first`` keys: StreamingLLM's window attention), which is how
+``headscope.probes.perplexity`` measures the model under window attention.
 """
 
 from __future__ import annotations
@@ -33,6 +41,16 @@ from headscope.probes.patterns import DEFAULT_SINK_KEYS
 
 ATTENTION_NAME = "headscope_stats"
 PROFILE_FIELDS = ("entropy", "max_prob", "sink_mass", "mean_distance")
+#: profiles: the kernel's pass-1 statistics plus the norm of each head's output
+PROFILES = (*PROFILE_FIELDS, "output_norm")
+#: hidden-sink candidates: later keys (j >= 1) whose α_j exceeds this floor and
+#: that at least HIDDEN_SINK_MIN_VIEWERS queries see (a key near the end of a
+#: prompt is seen by few queries, so its α is the attention of one or two rows)
+HIDDEN_SINK_FLOOR = 0.05
+HIDDEN_SINK_MIN_VIEWERS = 16
+#: largest |h| entries kept per prompt and layer (massive activations are a handful)
+MASSIVE_TOP_K = 16
+CANDIDATE_COLUMNS = ("prompt", "layer", "head", "position", "token", "alpha")
 
 
 @dataclass(kw_only=True)
@@ -52,6 +70,17 @@ class StreamingStatistics:
     profiles: dict[str, Float[Tensor, "layer head query_pos"]]
     residual_norm_by_pos: Float[Tensor, "layer query_pos"]
     value_norm_by_pos: Float[Tensor, "layer kv_head query_pos"]
+    #: one row per candidate, columns CANDIDATE_COLUMNS (alpha as float, rest integral)
+    hidden_sink_candidates: Float[Tensor, "candidate 6"]
+    #: per prompt and layer: the MASSIVE_TOP_K largest |h| of the block output, the
+    #: signed values, their positions, dims and tokens, and the median |h|
+    massive_values: Float[Tensor, "prompt layer k"]
+    massive_positions: Float[Tensor, "prompt layer k"]
+    massive_dims: Float[Tensor, "prompt layer k"]
+    massive_tokens: Float[Tensor, "prompt layer k"]
+    residual_median: Float[Tensor, "prompt layer"]
+    #: token id -> its text, for every token named by the two sparse records
+    token_text: dict[int, str]
 
     @property
     def n_prompts(self) -> int:
@@ -68,6 +97,12 @@ class StreamingStatistics:
             "received_by_key": self.received_by_key,
             "residual_norm_by_pos": self.residual_norm_by_pos,
             "value_norm_by_pos": self.value_norm_by_pos,
+            "hidden_sink_candidates": self.hidden_sink_candidates,
+            "massive_values": self.massive_values,
+            "massive_positions": self.massive_positions,
+            "massive_dims": self.massive_dims,
+            "massive_tokens": self.massive_tokens,
+            "residual_median": self.residual_median,
             "lengths": torch.tensor(self.lengths, dtype=torch.int64),
         }
         out |= {f"mean_{name}": value for name, value in self.means.items()}
@@ -80,11 +115,18 @@ class _Session:
     and each layer is reduced into the accumulator as soon as it is computed, so
     no layer's statistics outlive its own attention call."""
 
-    def __init__(self, accumulator: _Accumulator, key_padding_mask: Tensor, lengths: Tensor):
-        self.accumulator = accumulator
+    def __init__(
+        self,
+        accumulator: _Accumulator | None,
+        key_padding_mask: Tensor,
+        *,
+        window: int | None = None,
+        keep_first: int = 0,
+    ):
+        self.accumulator = accumulator  # None: run the attention, keep no statistics
         self.key_padding_mask = key_padding_mask
         self.unpadded = bool(key_padding_mask.all())  # lets the kernels skip masking
-        self.lengths = lengths
+        self.window, self.keep_first = window, keep_first  # attention override, if any
         self.sink_width = 1
         self.workspace: dict[str, Tensor] = {}  # score buffers shared by all layers
         self.call_order: list[int] = []
@@ -125,11 +167,17 @@ def _attention_with_stats(
         layer = len(session.call_order)
     session.call_order.append(layer)
     padding = None if session.unpadded else session.key_padding_mask
+    window, keep_first = sliding_window, 0
+    if session.window is not None:  # StreamingLLM: the narrower window, plus the first keys
+        window = session.window if window is None else min(window, session.window)
+        keep_first = session.keep_first
     common = dict(
         scale=scale, causal=causal, key_padding_mask=padding,
-        window=sliding_window, sink_width=session.sink_width,
+        window=window, sink_width=session.sink_width,
     )  # fmt: skip
-    if query.is_cuda:
+    if keep_first:
+        common["keep_first"] = keep_first
+    if query.is_cuda and session.window is None:
         from headscope.kernels.triton_attention_stats import triton_attention_stats
 
         output, _ = sdpa_attention_forward(
@@ -141,7 +189,13 @@ def _attention_with_stats(
             query, key, value, workspace=session.workspace, **common
         )
         output = output.transpose(1, 2).contiguous()
-    session.accumulator.add_attention(session, layer, stats, value.detach().float().norm(dim=-1))
+    if session.accumulator is not None:
+        session.accumulator.add_attention(
+            layer,
+            stats,
+            value_norms=value.detach().float().norm(dim=-1),
+            output_norms=output.detach().float().norm(dim=-1).transpose(1, 2),
+        )
     session.layers_seen.add(layer)
     return output, None
 
@@ -182,7 +236,9 @@ class _Accumulator:
         self.length = 0
         self.sums: dict[str, Tensor] = {}
         self.alpha: dict[int, Tensor] = {}
-        self.batch_alpha: Tensor | None = None
+        self.massive: dict[int, Tensor] = {}  # prompt -> [layer, 5, k] (value, pos, dim, token)
+        self.medians: dict[int, Tensor] = {}  # prompt -> [layer]
+        self.candidates: list[Tensor] = []
 
     def _buffer(self, name: str, *leading: int) -> Tensor:
         buffer = self.sums.get(name)
@@ -193,11 +249,13 @@ class _Accumulator:
             self.sums[name] = buffer = grown
         return buffer
 
-    def start_batch(self, mask: Tensor, lengths: Tensor) -> None:
+    def start_batch(self, indices: list[int], tokens: Tensor, lengths: Tensor) -> None:
         arch = self.arch
-        self.length = max(self.length, int(mask.shape[1]))
-        self.valid = mask.to(torch.float64).cpu()  # [b, T]
-        seq_len = mask.shape[1]
+        seq_len = tokens.shape[1]
+        self.length = max(self.length, seq_len)
+        self.indices, self.tokens, self.lengths = indices, tokens, lengths
+        mask = torch.arange(seq_len)[None] < lengths[:, None]
+        self.valid = mask.to(torch.float64)  # [b, T]
         positions = torch.arange(seq_len, dtype=torch.float64)
         if arch.causal:
             viewers = (lengths.to(torch.float64)[:, None] - positions[None]).clamp(min=1.0)
@@ -208,19 +266,25 @@ class _Accumulator:
         shape = (len(lengths), arch.n_layers, arch.n_heads, self.n_sink_keys)
         self.batch_alpha = torch.full(shape, torch.nan, dtype=torch.float64)
         self.keep = keep
+        k = MASSIVE_TOP_K
+        self.batch_massive = torch.full((len(lengths), arch.n_layers, 4, k), torch.nan)
+        self.batch_median = torch.full((len(lengths), arch.n_layers), torch.nan)
 
     def _add(self, name: str, leading: tuple[int, ...], layer: int, values: Tensor) -> None:
         """Add per-prompt ``values`` [b, *leading[1:], T] (zero where padded) at ``layer``."""
         seq_len = values.shape[-1]
         self._buffer(name, *leading)[layer, ..., :seq_len] += values.sum(0)
 
-    def add_attention(self, session: _Session, layer: int, stats, value_norms: Tensor) -> None:
+    def add_attention(
+        self, layer: int, stats, *, value_norms: Tensor, output_norms: Tensor
+    ) -> None:
         arch, valid = self.arch, self.valid
         heads = (arch.n_layers, arch.n_heads)
         row_valid = valid[:, None]  # [b, 1, T]
         for name in PROFILE_FIELDS:
             values = getattr(stats, name).to(torch.float64).cpu() * row_valid
             self._add(f"{name}_by_query", heads, layer, values)
+        self._add("output_norm_by_query", heads, layer, output_norms.double().cpu() * row_valid)
         received = stats.received.to(torch.float64).cpu()
         alpha = received / self.viewers[:, None] * row_valid
         self._add("received_by_key", heads, layer, received)
@@ -228,26 +292,83 @@ class _Accumulator:
         self.batch_alpha[:, layer, :, : self.keep] = alpha[..., : self.keep]
         values = value_norms.to(torch.float64).cpu() * row_valid
         self._add("value_norm", (arch.n_layers, arch.n_kv_heads), layer, values)
+        self._add_hidden_sink_candidates(layer, alpha)
 
-    def add_residual(self, layer: int, norms: Tensor) -> None:
-        values = norms.to(torch.float64).cpu() * self.valid
+    def _add_hidden_sink_candidates(self, layer: int, alpha: Tensor) -> None:
+        """Record later keys (j >= 1) with α_j above the floor and enough viewers."""
+        seen_enough = self.viewers >= HIDDEN_SINK_MIN_VIEWERS  # [b, T]
+        seen_enough[:, 0] = False  # the first token is the ordinary sink, not a hidden one
+        seen_enough &= self.valid.bool()
+        rows, heads, positions = torch.nonzero(
+            (alpha > HIDDEN_SINK_FLOOR) & seen_enough[:, None], as_tuple=True
+        )
+        if len(rows) == 0:
+            return
+        prompts = torch.tensor(self.indices, dtype=torch.float64)[rows]
+        record = torch.stack(
+            [
+                prompts,
+                torch.full_like(prompts, layer),
+                heads.double(),
+                positions.double(),
+                self.tokens[rows, positions].double(),
+                alpha[rows, heads, positions],
+            ],
+            dim=1,
+        )
+        self.candidates.append(record)
+
+    def add_residual(self, layer: int, hidden: Tensor) -> None:
+        """Norms per position, and the largest entries of each prompt's block output."""
+        hidden = hidden.detach().float()
+        values = hidden.norm(dim=-1).to(torch.float64).cpu() * self.valid
         self._add("residual_norm", (self.arch.n_layers,), layer, values)
+        d_model = hidden.shape[-1]
+        for row, length in enumerate(self.lengths.tolist()):
+            entries = hidden[row, :length].flatten()
+            magnitude = entries.abs()
+            top = magnitude.topk(min(MASSIVE_TOP_K, magnitude.numel())).indices
+            positions = torch.div(top, d_model, rounding_mode="floor")
+            found = torch.stack(
+                [entries[top], positions.float(), (top % d_model).float(),
+                 self.tokens[row, positions.cpu()].float().to(entries.device)]
+            )  # fmt: skip
+            self.batch_massive[row, layer, :, : found.shape[1]] = found.cpu()
+            self.batch_median[row, layer] = float(magnitude.median())
 
-    def end_batch(self, indices: list[int], lengths: Tensor) -> None:
+    def end_batch(self) -> None:
         seq_len = self.valid.shape[1]
         self._buffer("query_count")[..., :seq_len] += self.valid.sum(0)
-        for row, prompt in enumerate(indices):
+        for row, prompt in enumerate(self.indices):
             alpha = self.batch_alpha[row].clone()
-            alpha[..., int(lengths[row]) :] = torch.nan  # keys beyond this prompt's end
+            alpha[..., int(self.lengths[row]) :] = torch.nan  # keys beyond this prompt's end
             self.alpha[prompt] = alpha
+            self.massive[prompt] = self.batch_massive[row]
+            self.medians[prompt] = self.batch_median[row]
 
-    def result(self, prompt_set: str, lengths: list[int]) -> StreamingStatistics:
+    def token_ids(self) -> set[int]:
+        """Every token named by the sparse records (for their texts)."""
+        ids = {int(t) for record in self.candidates for t in record[:, 4].tolist()}
+        for record in self.massive.values():
+            ids |= {int(t) for t in record[:, 3].flatten().tolist() if t == t}  # skip NaN
+        return ids
+
+    def result(
+        self, prompt_set: str, lengths: list[int], token_text: dict[int, str]
+    ) -> StreamingStatistics:
         count = self.sums["query_count"]
         per_position = count.clamp(min=1.0)
         total_rows = count.sum()
-        profiles = {name: self.sums[f"{name}_by_query"] / per_position for name in PROFILE_FIELDS}
+        profiles = {name: self.sums[f"{name}_by_query"] / per_position for name in PROFILES}
         means = {name: self.sums[f"{name}_by_query"].sum(-1) / total_rows
-                 for name in PROFILE_FIELDS}  # fmt: skip
+                 for name in PROFILES}  # fmt: skip
+        order = range(len(lengths))
+        massive = torch.stack([self.massive[i] for i in order])  # [prompt, layer, 4, k]
+        candidates = (
+            torch.cat(self.candidates)
+            if self.candidates
+            else torch.zeros(0, len(CANDIDATE_COLUMNS), dtype=torch.float64)
+        )
         return StreamingStatistics(
             prompt_set=prompt_set,
             causal=self.arch.causal,
@@ -255,13 +376,20 @@ class _Accumulator:
             n_heads=self.arch.n_heads,
             n_kv_heads=self.arch.n_kv_heads,
             lengths=list(lengths),
-            sink_alpha=torch.stack([self.alpha[i] for i in range(len(lengths))]),
+            sink_alpha=torch.stack([self.alpha[i] for i in order]),
             sink_alpha_by_key=self.sums["alpha_by_key"] / per_position,
             received_by_key=self.sums["received_by_key"] / per_position,
             means=means,
             profiles=profiles,
             residual_norm_by_pos=self.sums["residual_norm"] / per_position,
             value_norm_by_pos=self.sums["value_norm"] / per_position,
+            hidden_sink_candidates=candidates,
+            massive_values=massive[:, :, 0],
+            massive_positions=massive[:, :, 1],
+            massive_dims=massive[:, :, 2],
+            massive_tokens=massive[:, :, 3],
+            residual_median=torch.stack([self.medians[i] for i in order]),
+            token_text=token_text,
         )
 
 
@@ -280,13 +408,13 @@ def _padded_batches(
 
 
 @contextlib.contextmanager
-def _residual_norms(blocks: torch.nn.ModuleList, accumulator: _Accumulator) -> Iterator[None]:
-    """Scoped forward hooks adding ‖h‖ of each block's output per position."""
+def _residual_hooks(blocks: torch.nn.ModuleList, accumulator: _Accumulator) -> Iterator[None]:
+    """Scoped forward hooks passing each block's output (the residual stream) on."""
 
     def recorder(layer: int) -> Callable:
         def hook(_module, _inputs, output) -> None:
             hidden = output[0] if isinstance(output, tuple) else output
-            accumulator.add_residual(layer, hidden.detach().float().norm(dim=-1))
+            accumulator.add_residual(layer, hidden)
 
         return hook
 
@@ -298,20 +426,60 @@ def _residual_norms(blocks: torch.nn.ModuleList, accumulator: _Accumulator) -> I
             handle.remove()
 
 
-def _forward(handle: ModelHandle, blocks, tokens: Tensor, mask: Tensor, session: _Session):
-    """One forward with ``session`` active (statistics flow into its accumulator)."""
+def forward_batch(
+    handle: ModelHandle,
+    tokens: Tensor,
+    lengths: Tensor,
+    *,
+    accumulator: _Accumulator | None = None,
+    window: int | None = None,
+    keep_first: int = 0,
+    with_logits: bool = False,
+) -> Tensor | None:
+    """One forward of right-padded ``tokens`` through the headscope attention.
+
+    Must run inside ``streaming_attention(handle)``. Statistics flow into
+    ``accumulator`` when one is given; ``window``/``keep_first`` replace the
+    model's attention span (StreamingLLM). Returns the logits when asked;
+    otherwise only the transformer body runs, which saves the LM head's
+    [batch, T, vocab] tensor and matmul.
+    """
+    arch = handle.arch
+    mask = torch.arange(tokens.shape[1])[None] < lengths[:, None]
+    session = _Session(accumulator, mask.to(handle.device), window=window, keep_first=keep_first)
+    hooks = (
+        _residual_hooks(_block_list(handle.model, arch.n_layers), accumulator)
+        if accumulator is not None
+        else contextlib.nullcontext()
+    )
+    module = handle.model if with_logits else handle.model.base_model
     token = _ACTIVE.set(session)
     try:
-        # The transformer body only: the probe needs no logits, and skipping the
-        # LM head saves a [batch, T, vocab] tensor and its matmul.
-        with _residual_norms(blocks, session.accumulator), torch.inference_mode():
-            handle.model.base_model(
+        with hooks, torch.inference_mode():
+            output = module(
                 input_ids=tokens.to(handle.device),
                 attention_mask=mask.to(handle.device).long(),
                 use_cache=False,
             )
     finally:
         _ACTIVE.reset(token)
+    if len(session.layers_seen) != arch.n_layers:
+        raise RuntimeError(
+            f"the attention function ran for {len(session.layers_seen)} of "
+            f"{arch.n_layers} layers; this architecture does not route attention "
+            "through transformers' AttentionInterface"
+        )
+    return output.logits if with_logits else None
+
+
+def pad_id_of(handle: ModelHandle) -> int:
+    pad_id = handle.tokenizer.pad_token_id
+    return pad_id if pad_id is not None else 0
+
+
+def token_texts(tokenizer, ids: set[int]) -> dict[int, str]:
+    """Readable text of each token id (``decode`` of the single token)."""
+    return {i: tokenizer.decode([i]) for i in sorted(ids)}
 
 
 def probe_streaming(
@@ -327,24 +495,13 @@ def probe_streaming(
     Deterministic: batches are formed by (length, index) order, and every
     accumulation is a float64 sum in that order.
     """
-    arch = handle.arch
-    blocks = _block_list(handle.model, arch.n_layers)
-    pad_id = handle.tokenizer.pad_token_id
-    pad_id = pad_id if pad_id is not None else 0
     accumulator = _Accumulator(handle, n_sink_keys)
     with streaming_attention(handle):
-        for indices, tokens, lengths in _padded_batches(prompts, batch_size, pad_id):
-            mask = torch.arange(tokens.shape[1])[None] < lengths[:, None]
-            accumulator.start_batch(mask, lengths)
-            session = _Session(accumulator, mask.to(handle.device), lengths)
-            _forward(handle, blocks, tokens, mask, session)
-            if len(session.layers_seen) != arch.n_layers:
-                raise RuntimeError(
-                    f"the attention function ran for {len(session.layers_seen)} of "
-                    f"{arch.n_layers} layers; this architecture does not route attention "
-                    "through transformers' AttentionInterface"
-                )
-            accumulator.end_batch(indices, lengths)
+        for indices, tokens, lengths in _padded_batches(prompts, batch_size, pad_id_of(handle)):
+            accumulator.start_batch(indices, tokens, lengths)
+            forward_batch(handle, tokens, lengths, accumulator=accumulator)
+            accumulator.end_batch()
             if on_batch is not None:
                 on_batch(len(indices))
-    return accumulator.result(prompts.name, prompts.lengths)
+    texts = token_texts(handle.tokenizer, accumulator.token_ids())
+    return accumulator.result(prompts.name, prompts.lengths, texts)

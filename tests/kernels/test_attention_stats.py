@@ -70,6 +70,7 @@ class Case:
     sharpness: float  # multiplies q: larger means peakier attention
     spike: bool  # one key with a much larger norm: the running max jumps mid-row
     seed: int
+    keep_first: int = 0  # always-visible first keys (attention sinks) of a window
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         gen = torch.Generator().manual_seed(self.seed)
@@ -91,7 +92,7 @@ class Case:
     def options(self) -> dict:
         return dict(
             scale=self.d_head**-0.5, causal=self.causal, window=self.window,
-            sink_width=self.sink_width,
+            sink_width=self.sink_width, keep_first=self.keep_first,
         )  # fmt: skip
 
 
@@ -120,6 +121,7 @@ def cases(draw, max_t: int, dtypes=(torch.float32, torch.float16, torch.bfloat16
         sharpness=draw(st.sampled_from([0.5, 1.0, 4.0])),
         spike=draw(st.booleans()),
         seed=draw(st.integers(0, 2**31 - 1)),
+        keep_first=0 if window == "none" else draw(st.sampled_from([0, 1, 4])),
     )
 
 
@@ -279,6 +281,31 @@ def test_huge_window_is_no_window(implementation: str) -> None:
         torch.testing.assert_close(getattr(windowed, name), value, msg=name)
 
 
+@pytest.mark.parametrize("implementation", ["reference", *IMPLEMENTATIONS])
+@pytest.mark.parametrize("causal", [True, False])
+def test_keep_first_without_window_changes_nothing(implementation: str, causal: bool) -> None:
+    q, k = torch.randn(2, 4, 30, 16), torch.randn(2, 2, 30, 16)
+    mask = torch.rand(2, 30) > 0.3
+    options = dict(scale=0.25, causal=causal, sink_width=4)
+    plain = compute(implementation, q, k, mask, **options)
+    for keep_first in (1, 4, 10**12):
+        kept = compute(implementation, q, k, mask, keep_first=keep_first, **options)
+        for name, value in plain.as_dict().items():
+            assert torch.equal(getattr(kept, name), value), (keep_first, name)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("causal", [True, False])
+def test_keep_first_of_every_key_is_no_window(implementation: str, causal: bool) -> None:
+    q, k = torch.randn(1, 2, 9, 16), torch.randn(1, 1, 23, 16)
+    options = dict(scale=0.25, causal=causal, sink_width=1)
+    plain = compute(implementation, q, k, **options)
+    for keep_first in (23, 10**12):
+        kept = compute(implementation, q, k, window=2, keep_first=keep_first, **options)
+        for name, value in plain.as_dict().items():
+            torch.testing.assert_close(getattr(kept, name), value, msg=(keep_first, name))
+
+
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_gqa_siblings_have_their_own_statistics(implementation: str) -> None:
     # Four query heads share two KV heads (pairs 0-1 and 2-3). Zeroing head 1's
@@ -306,11 +333,15 @@ def test_gqa_siblings_have_their_own_statistics(implementation: str) -> None:
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("t_q", [40, 29])
 @pytest.mark.parametrize("window", [1, 2, 18])
-def test_triton_window_edges_on_block_edges(causal: bool, t_q: int, window: int) -> None:
+@pytest.mark.parametrize("keep_first", [0, 17])
+def test_triton_window_edges_on_block_edges(
+    causal: bool, t_q: int, window: int, keep_first: int
+) -> None:
     # With blocks of 16, windows 2 and 18 put the last key (pass 1) or query (pass 2)
-    # a row block can see exactly on the first element of the next block.
+    # a row block can see exactly on the first element of the next block; 17 first
+    # keys end one key into the second key block, which the window range may share.
     q, k = torch.randn(1, 2, t_q, 16) * 2, torch.randn(1, 1, 40, 16)
-    options = dict(scale=0.25, causal=causal, window=window, sink_width=1)
+    options = dict(scale=0.25, causal=causal, window=window, sink_width=1, keep_first=keep_first)
     expected = reference_attention_stats(q, k, **options)
     assert_matches_reference(run_triton(q, k, block_m=16, block_n=16, **options), expected)
 
@@ -358,7 +389,10 @@ def test_chunked_output_matches_sdpa(case: Case, d_value: int) -> None:
     )
     group = case.heads // case.kv_heads
     query_pos = torch.arange(case.t_k - case.t_q, case.t_k)
-    allowed = visibility(query_pos, torch.arange(case.t_k), causal=case.causal, window=case.window)
+    allowed = visibility(
+        query_pos, torch.arange(case.t_k), causal=case.causal, window=case.window,
+        keep_first=case.keep_first,
+    )  # fmt: skip
     allowed = allowed.expand(case.batch, 1, case.t_q, case.t_k)
     if mask is not None:
         allowed = allowed & mask[:, None, None, :]
@@ -373,6 +407,61 @@ def test_chunked_output_matches_sdpa(case: Case, d_value: int) -> None:
     assert output.shape == expected.shape
     torch.testing.assert_close(output[live], expected[live], atol=OUTPUT_ATOL, rtol=0)
     assert (output[~live] == 0).all()  # SDPA leaves NaN or 0 there; chunked gives 0
+
+
+def window_with_first_keys(t: int, window: int, keep_first: int) -> torch.Tensor:
+    """[query, key] mask of causal self-attention with a window and the first keys kept,
+    written out from the rule itself: j < keep_first or i − window < j, and j ≤ i."""
+    i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
+    return ((j < keep_first) | (j > i - window)) & (j <= i)
+
+
+@pytest.mark.parametrize(("window", "keep_first"), [(1, 1), (5, 4), (3, 20)])
+def test_keep_first_mask_in_reference_probabilities(window: int, keep_first: int) -> None:
+    # A lone query that is the last of its keys reads row i of the attention matrix
+    # off ``received``: keys[: i + 1] and the query at position i, as in the full call.
+    t = 40
+    q, k = torch.randn(1, 4, t, 16) * 2, torch.randn(1, 2, t, 16)
+    allowed = window_with_first_keys(t, window, keep_first)
+    options = dict(scale=0.25, causal=True, window=window, sink_width=1, keep_first=keep_first)
+    for i in range(t):
+        row = reference_attention_stats(q[:, :, i : i + 1], k[:, :, : i + 1], **options)
+        probs = row.received[0]  # [head, i + 1]
+        assert (probs[:, ~allowed[i, : i + 1]] == 0).all(), i
+        assert (probs[:, allowed[i, : i + 1]] > 0).all(), i
+        torch.testing.assert_close(probs.sum(-1), torch.ones(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(("window", "keep_first"), [(1, 1), (5, 4), (3, 20)])
+def test_chunked_output_with_keep_first_is_masked_softmax(window: int, keep_first: int) -> None:
+    # 45 self-attention queries in blocks of 16: later blocks' windows lie well past
+    # the first keys. Batch row 1 pads keys 0 and 2: kept keys stay subject to padding,
+    # and the padded query 0 (which sees only key 0) is dropped.
+    t, group, scale = 45, 2, 0.25
+    q, k = torch.randn(2, 4, t, 16) * 2, torch.randn(2, 2, t, 16)
+    v = torch.randn(2, 2, t, 24)
+    mask = torch.ones(2, t, dtype=torch.bool)
+    mask[1, [0, 2]] = False
+    allowed = window_with_first_keys(t, window, keep_first)[None, None] & mask[:, None, None, :]
+    allowed = allowed & mask[:, None, :, None]  # padded queries of self-attention dropped
+    scores = torch.einsum(
+        "bhqd,bhkd->bhqk", q.double(), k.double().repeat_interleave(group, 1)
+    ) * scale  # fmt: skip
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
+    expected = (probs @ v.double().repeat_interleave(group, 1)).float()
+    options = dict(
+        scale=scale, causal=True, window=window, sink_width=1, keep_first=keep_first,
+        key_padding_mask=mask, block_rows=16,
+    )  # fmt: skip
+    output, _ = chunked_attention_stats(q, k, v, **options)
+    torch.testing.assert_close(output, expected, atol=OUTPUT_ATOL, rtol=0)
+    live = allowed.any(-1).expand(2, 4, t)
+    assert not live[1, :, 0].any() and (output[~live] == 0).all()
+    # V = identity: the output rows are the probabilities themselves, exactly 0 off the mask
+    identity = torch.eye(t).expand(2, 2, t, t)
+    chunked_probs, _ = chunked_attention_stats(q, k, identity, **options)
+    assert (chunked_probs[~allowed.expand(2, 4, t, t)] == 0).all()
+    torch.testing.assert_close(chunked_probs, probs.float(), atol=PROB_ATOL, rtol=0)
 
 
 # 4. Clear errors for bad inputs ----------------------------------------------------
@@ -397,6 +486,7 @@ BAD_INPUTS = {
     ),
     "window 0": (dict(window=0), ValueError, "window"),
     "negative sink": (dict(sink_width=-1), ValueError, "sink_width"),
+    "negative keep_first": (dict(keep_first=-1), ValueError, "keep_first must be non-negative"),
 }
 
 
@@ -436,10 +526,14 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from headscope.kernels import triton_attention_stats as module
 
-for dtype, causal, window, padding in (("bf16", True, True, True), ("fp32", False, False, False)):
+for dtype, causal, window, padding, keep_first in (
+    ("bf16", True, True, True, True), ("bf16", True, True, False, False),
+    ("fp32", False, False, False, False),
+):
     flags = dict(
         CAUSAL=causal, HAS_WINDOW=window, HAS_PADDING=padding, DROP_PADDED_QUERIES=padding,
-        UPCAST_FOR_DOT=dtype == "fp32", BLOCK_M=64, BLOCK_N=64, BLOCK_D=128,
+        KEEP_FIRST=keep_first, UPCAST_FOR_DOT=dtype == "fp32", BLOCK_M=64, BLOCK_N=64,
+        BLOCK_D=128,
     )
     pointers = {"q_ptr": "*" + dtype, "k_ptr": "*" + dtype, "pad_ptr": "*i8"}
     for kernel in (module._row_stats_kernel, module._received_kernel):

@@ -1,0 +1,79 @@
+"""Plant known behaviour into the weights of a fresh tiny:llama, so detectors have a right answer.
+
+tiny:llama: 2 layers, d_model 64, 4 query heads of 16 dims sharing 2 KV heads
+(heads 0-1 read KV head 0, heads 2-3 KV head 1). Every planting edits weights
+only; the probes then run the model as usual.
+
+Attention to a chosen token: every token's embedding gets a constant feature
+(column CONSTANT); the chosen token gets a marker feature of its own. The
+planted head's query is that constant feature alone and its key reads the
+marker, both in dim 7 of the head: in HF's RoPE layout dims 7 and 15 form the
+slowest-rotating pair (about 3e-4 rad per position), so q·k barely depends on
+distance and the chosen token wins every row that can see it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from headscope.probes.models import ModelHandle, load_model
+
+CONSTANT = 3
+SLOW_ROPE_DIM = 7
+D_HEAD = 16
+
+
+def fresh_tiny_llama() -> ModelHandle:
+    return load_model("tiny:llama")
+
+
+def _embedding(handle: ModelHandle) -> torch.Tensor:
+    return handle.model.model.embed_tokens.weight
+
+
+@torch.no_grad()
+def plant_attention_to_token(
+    handle: ModelHandle, *, layer: int, head: int, token_id: int, marker: int, strength: float = 3.0
+) -> None:
+    """Make (layer, head) attend to ``token_id`` wherever it is visible."""
+    embedding = _embedding(handle)
+    embedding[:, CONSTANT] = 10.0
+    embedding[:, marker] = 0.0
+    embedding[token_id, marker] = 10.0
+    attention = handle.model.model.layers[layer].self_attn
+    group = handle.arch.n_heads // handle.arch.n_kv_heads
+    q_rows = slice(head * D_HEAD, (head + 1) * D_HEAD)
+    attention.q_proj.weight[q_rows] = 0.0
+    attention.q_proj.weight[head * D_HEAD + SLOW_ROPE_DIM, CONSTANT] = strength
+    kv = head // group
+    attention.k_proj.weight[kv * D_HEAD + SLOW_ROPE_DIM] = 0.0
+    attention.k_proj.weight[kv * D_HEAD + SLOW_ROPE_DIM, marker] = strength
+
+
+@torch.no_grad()
+def plant_massive_activation(
+    handle: ModelHandle, *, layer: int, token_id: int, marker: int, dim: int, value: float
+) -> None:
+    """Make ``layer``'s MLP write about ``value`` into residual ``dim`` at ``token_id`` only.
+
+    One MLP neuron reads the token's marker feature (gate and up), and the
+    down projection sends it to ``dim``; its size is calibrated with one forward.
+    """
+    embedding = _embedding(handle)
+    embedding[:, marker] = 0.0
+    embedding[token_id, marker] = 10.0
+    mlp = handle.model.model.layers[layer].mlp
+    neuron = 0
+    mlp.gate_proj.weight[neuron] = 0.0
+    mlp.up_proj.weight[neuron] = 0.0
+    mlp.gate_proj.weight[neuron, marker] = 5.0
+    mlp.up_proj.weight[neuron, marker] = 5.0
+    mlp.down_proj.weight[:, neuron] = 0.0
+    mlp.down_proj.weight[dim, neuron] = 1.0
+    written = {}
+    hook = mlp.register_forward_hook(lambda _m, _i, out: written.setdefault("out", out[0, 0, dim]))
+    try:
+        handle.model(torch.tensor([[token_id, 5, 6, 7]]))
+    finally:
+        hook.remove()
+    mlp.down_proj.weight[dim, neuron] = value / float(written["out"])
