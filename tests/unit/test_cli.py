@@ -44,6 +44,16 @@ def test_scan_report_and_runs(tmp_path):
     head_names = re.findall(r"L(\d+)H(\d+)\s", report.stdout)
     assert len(head_names) >= 5 * 4  # top 5 of each of the four detectors
     assert all(int(layer) < 2 and int(head) < 4 for layer, head in head_names)
+    # the sink suite: layer tables, the window experiment, and a skip that says why
+    assert "Attention sinks" in report.stdout and "residual_peak on prose" in report.stdout
+    assert "skipped massive_intervention: no massive activations" in report.stdout
+    kinds = {(t["detector"], t["kind"]) for t in manifest["tables"]}
+    assert {("massive_activations", "layer"), ("streaming_window", "head")} <= kinds
+    sinks = invoke("report", out, "--sinks", "--markdown")
+    assert sinks.exit_code == 0
+    lines = sinks.stdout.strip().splitlines()
+    assert lines[:2] == ["| quantity | value |", "|---|---|"]
+    assert any(line.startswith("| prose-long perplexity past the window") for line in lines)
     listing = invoke("runs", tmp_path / "runs")
     assert listing.exit_code == 0 and "tiny" in listing.stdout
     models = invoke("models")

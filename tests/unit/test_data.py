@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 
@@ -19,7 +20,9 @@ from headscope.data import (
 from headscope.errors import HeadscopeError
 from headscope.probes.tiny_tokenizer import tiny_tokenizer
 
-BUILTIN_NAMES = ("prose", "code", "random-repeat", "repeated-token", "ordinal")
+BUILTIN_NAMES = (
+    "prose", "prose-heldout", "prose-long", "code", "random-repeat", "repeated-token", "ordinal",
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +71,8 @@ def test_builtin_defaults():
         "random-repeat": ("random_repeat", 64, 65, 0),
         "repeated-token": ("repeated_token", 32, 64, 0),
         "ordinal": ("texts", 0, 0, 0),
+        "prose-heldout": ("text_stream", 32, 256, 0),
+        "prose-long": ("text_stream", 2, 2048, 0),
     }
     for name, (kind, n_prompts, seq_len, seed) in expected.items():
         ps = get_prompt_set(name)
@@ -251,6 +256,29 @@ def test_texts_drop_prompts_that_tokenize_to_nothing(tok, bos):
     assert tok.decode(prompts.tokens[1][1:]) == "world"
 
 
+def test_held_out_prose_sets_start_past_the_prose_set():
+    tok = tiny_tokenizer()
+    sets = {
+        name: get_prompt_set(name).tokenize(tok, bos_token_id=0)
+        for name in ("prose", "prose-heldout", "prose-long")
+    }
+    stream = _stream(tok, get_prompt_set("prose").texts)
+    spans = {}
+    for name, prompts in sets.items():
+        start = get_prompt_set(name).start
+        body = len(prompts.tokens[0]) - 1
+        assert prompts.tokens[0][1:].tolist() == stream[start : start + body]
+        spans[name] = (start, start + body * len(prompts))
+    ordered = sorted(spans.values())
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in itertools.pairwise(ordered))
+
+
+def test_start_beyond_the_stream_is_a_clear_error():
+    too_far = dataclasses.replace(get_prompt_set("prose"), start=10_000_000)
+    with pytest.raises(HeadscopeError, match="after token 10000000"):
+        too_far.tokenize(tiny_tokenizer(), bos_token_id=0)
+
+
 # -- hashes -------------------------------------------------------------------------------
 
 
@@ -267,6 +295,7 @@ def test_content_hash_covers_every_field():
         "n_prompts": 4,
         "seq_len": 9,
         "seed": 2,
+        "start": 3,
     }
     assert {f.name for f in dataclasses.fields(PromptSet)} == set(changes)
     hashes = {base.content_hash} | {
