@@ -14,6 +14,9 @@ three differ). The per-head table is the paper's per-head sink statistic: the
 mean attention that queries past the window give to the first token, under
 full attention (flagged above ``epsilon``).
 
+Layers with a sliding window of their own (Gemma 3's local layers) keep it:
+the window replaces full attention only (see ``probes/streaming.py``).
+
 The text length T must be at least 4 W (the issue's floor); when the model's
 context is too short for the default window, the window shrinks to T / 8 and
 the table's params say so.

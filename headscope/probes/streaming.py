@@ -168,9 +168,12 @@ def _attention_with_stats(
     session.call_order.append(layer)
     padding = None if session.unpadded else session.key_padding_mask
     window, keep_first = sliding_window, 0
-    if session.window is not None:  # StreamingLLM: the narrower window, plus the first keys
-        window = session.window if window is None else min(window, session.window)
-        keep_first = session.keep_first
+    if session.window is not None and sliding_window is None:
+        # StreamingLLM's window replaces full attention only: a layer with a
+        # sliding window of its own (Gemma 3's local layers) keeps the span it
+        # was trained with, since first tokens at distances beyond it are
+        # outside anything it has seen
+        window, keep_first = session.window, session.keep_first
     common = dict(
         scale=scale, causal=causal, key_padding_mask=padding,
         window=window, sink_width=session.sink_width,

@@ -225,3 +225,17 @@ def test_streaming_window_is_not_applicable_to_an_encoder():
 
     with pytest.raises(NotApplicable, match="causal"):
         run_streaming_window(load_model("tiny:bert"))
+
+
+def test_layers_with_their_own_sliding_window_keep_it_under_window_attention():
+    from headscope.probes.models import load_model
+
+    handle = load_model("tiny:gemma3")  # both layers are 16-token sliding-window layers
+    assert set(handle.model.config.layer_types) == {"sliding_attention"}
+    prompts = _prompts(handle, n_prompts=2, length=48)
+    full, _ = measure_perplexity(handle, prompts)
+    windowed, _ = measure_perplexity(handle, prompts, window=4, keep_first=0)
+    assert windowed.value() == pytest.approx(full.value(), rel=1e-6)
+    control, _ = measure_perplexity(load_model("tiny:llama"), prompts)
+    narrowed, _ = measure_perplexity(load_model("tiny:llama"), prompts, window=4)
+    assert abs(narrowed.value() / control.value() - 1) > 1e-4  # full-attention layers do change
