@@ -2,7 +2,9 @@
 
 A massive activation is a residual-stream entry (a decoder block's output)
 with ``|h| > magnitude`` (default 100) and ``|h| ≥ ratio × median |h|`` of that
-layer (default 1000; the median over the prompt's tokens and dims). They sit in
+layer (default 1000; the median over the prompt's tokens and dims, exact for
+prompts up to 227 tokens of a 576-wide model and from an evenly strided sample
+beyond: ``EXACT_MEDIAN_ENTRIES`` in ``probes/streaming.py``). They sit in
 a few fixed dims, appear from some early layer on, and at a few tokens (the
 first token, the first delimiter), where they act as the bias behind the
 attention sink.
@@ -34,7 +36,7 @@ from headscope.data import get_prompt_set
 from headscope.errors import HeadscopeError, NotApplicable
 from headscope.probes.models import ModelHandle
 from headscope.probes.perplexity import measure_perplexity
-from headscope.probes.streaming import probe_streaming
+from headscope.probes.streaming import layer_median, probe_streaming
 
 MASSIVE_DEFAULTS = {"magnitude": 100.0, "ratio": 1000.0, "min_fraction": 0.5}
 INTERVENTION_DEFAULTS = {
@@ -130,7 +132,7 @@ def _overwrite(dims: list[int], replacement: dict[int, float] | None, magnitude,
     def edit(hidden: Tensor, lengths: Tensor) -> None:
         for row, length in enumerate(lengths.tolist()):
             part = hidden[row, :length]
-            median = part.abs().median()
+            median = layer_median(part.abs())
             chosen = part[:, index]
             hit = (chosen.abs() > magnitude) & (chosen.abs() >= ratio * median)
             for column, dim in enumerate(dims):
