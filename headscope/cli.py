@@ -127,14 +127,14 @@ def report(
     ] = False,
 ) -> None:
     """Print the sink analyses, the top heads per role and the flagged layers of a run."""
-    from headscope.report import build_report, score_matrix, sink_summary_table
+    from headscope.report import build_report, score_matrix, sink_summary, sink_summary_table
     from headscope.runs import open_run
 
     try:
         opened = open_run(run)
         tables = [*opened.head_tables(), *opened.layer_tables()]
         if sinks:
-            summary = sink_summary_table(tables, markdown=markdown)
+            summary = sink_summary_table(sink_summary(tables), markdown=markdown)
             if markdown:
                 print(summary)
             else:

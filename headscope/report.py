@@ -65,11 +65,17 @@ def _format(value: Any) -> str:
     return str(value)
 
 
-def sink_summary(tables: Sequence[HeadTable | LayerTable]) -> list[tuple[str, str]]:
-    """(quantity, value) rows of the sink analyses present in ``tables``."""
+def sink_summary(
+    tables: Sequence[HeadTable | LayerTable], *, include_rates: bool = True
+) -> list[tuple[str, str]]:
+    """(quantity, value) rows of the sink analyses present in ``tables``.
+
+    ``include_rates=False`` leaves out the Sink_1 rows (the full report shows
+    them in their own, wider table).
+    """
     rows: list[tuple[str, str]] = []
     for t in tables:
-        if t.detector == "first_token_sink":
+        if include_rates and t.detector == "first_token_sink":
             s = t.summary
             rows.append(
                 (f"Sink_1^{t.params['epsilon']:g} on {t.prompt_set} (% of heads)",
@@ -127,8 +133,8 @@ def sink_summary(tables: Sequence[HeadTable | LayerTable]) -> list[tuple[str, st
     return rows
 
 
-def sink_summary_table(tables: Sequence[HeadTable | LayerTable], *, markdown: bool = False):
-    rows = sink_summary(tables)
+def sink_summary_table(rows: Sequence[tuple[str, str]], *, markdown: bool = False):
+    """The rows of ``sink_summary`` as a rich Table, or as Markdown text."""
     if markdown:
         lines = ["| quantity | value |", "|---|---|"]
         return "\n".join(lines + [f"| {q} | {v} |" for q, v in rows])
@@ -186,8 +192,9 @@ def build_report(
     parts: list[Any] = [header]
     if any(t.detector == "first_token_sink" for t in tables):
         parts.append(_sink_rates(tables))
-    if sink_summary(tables):
-        parts.append(sink_summary_table(tables))
+    rows = sink_summary(tables, include_rates=False)
+    if rows:
+        parts.append(sink_summary_table(rows))
     primary = {d["name"]: d["primary_prompt_set"] for d in manifest.get("detectors", [])}
     for detector in dict.fromkeys(t.detector for t in tables):
         own = [t for t in tables if t.detector == detector]

@@ -171,8 +171,6 @@ def scan(
         for ps in prompt_sets
     }
     captures = {d.capture for d in detectors}
-    if "model" in captures and "massive_intervention" in {d.name for d in detectors}:
-        captures.add("streaming")  # its detection reuses the streaming statistics
     stats: dict[str, dict[str, Any]] = {name: {} for name in tokenized}
     for prompt_set in prompt_sets:
         prompts = tokenized[prompt_set.name]

@@ -35,8 +35,8 @@ from headscope.probes.streaming import (
 )
 
 DEFAULT_HIDDEN_SINK_THRESHOLD = 0.1
-HIDDEN_SINK_DEFAULTS = {"threshold": DEFAULT_HIDDEN_SINK_THRESHOLD, "min_viewers": 16,
-                        "min_fraction": 0.5}  # fmt: skip
+HIDDEN_SINK_DEFAULTS = {"threshold": DEFAULT_HIDDEN_SINK_THRESHOLD,
+                        "min_viewers": HIDDEN_SINK_MIN_VIEWERS, "min_fraction": 0.5}  # fmt: skip
 _COLUMN = {name: i for i, name in enumerate(CANDIDATE_COLUMNS)}
 
 
@@ -44,7 +44,7 @@ def detect_hidden_sinks(
     stats,
     *,
     threshold: float = DEFAULT_HIDDEN_SINK_THRESHOLD,
-    min_viewers: int = 16,
+    min_viewers: int = HIDDEN_SINK_MIN_VIEWERS,
     min_fraction: float = 0.5,
 ) -> HeadTable:
     """Heads whose attention piles onto later keys (``s_j > threshold``, j ≥ 1)."""

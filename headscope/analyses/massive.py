@@ -178,7 +178,7 @@ def run_massive_intervention(
     dims = [d for d, _ in detection.frame["evidence"][layer]["dims"]]
     means = _mean_values(stats, layer, dims, massive)
     held_out = get_prompt_set(evaluate_on).tokenize(handle.tokenizer, bos_token_id=bos)
-    perplexities, edited = {}, {}
+    perplexities, edited, n_tokens = {}, {}, 0
     for name, replacement in (("original", None), ("mean", means), ("zero", None)):
         counter = {"entries": 0}
         edit = None
@@ -189,6 +189,7 @@ def run_massive_intervention(
         )
         perplexities[name] = perplexity.value()
         edited[name] = counter["entries"]
+        n_tokens = perplexity.n_tokens
     if edited["mean"] == 0:
         raise HeadscopeError(
             f"massive dims {dims} of layer {layer} never pass the criterion on '{evaluate_on}'"
@@ -226,12 +227,7 @@ def run_massive_intervention(
             "ppl_original": perplexities["original"],
             "ppl_mean": perplexities["mean"],
             "ppl_zero": perplexities["zero"],
-            "n_tokens": held_out_tokens(held_out),
+            "n_tokens": n_tokens,
         },
         description="massive activations set to their mean vs zero at their first layer",
     )
-
-
-def held_out_tokens(prompts) -> int:
-    """Predicted tokens of a prompt set (every position after the first)."""
-    return int(sum(length - 1 for length in prompts.lengths))

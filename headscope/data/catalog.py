@@ -112,39 +112,29 @@ def _stdlib_sources() -> tuple[str, ...]:
     return tuple(sources)
 
 
-def _prose() -> PromptSet:
+def _prose_stream(name: str, *, n_prompts: int, seq_len: int, start: int = 0) -> PromptSet:
+    """A window of the help-topics text stream (the three prose sets do not overlap)."""
     return PromptSet(
-        name="prose",
-        description=_DESCRIPTIONS["prose"],
+        name=name,
+        description=_DESCRIPTIONS[name],
         kind="text_stream",
         texts=_pydoc_topics(),
-        n_prompts=128,
-        seq_len=64,
+        n_prompts=n_prompts,
+        seq_len=seq_len,
+        start=start,
     )
+
+
+def _prose() -> PromptSet:
+    return _prose_stream("prose", n_prompts=128, seq_len=64)
 
 
 def _prose_heldout() -> PromptSet:
-    return PromptSet(
-        name="prose-heldout",
-        description=_DESCRIPTIONS["prose-heldout"],
-        kind="text_stream",
-        texts=_pydoc_topics(),
-        n_prompts=32,
-        seq_len=256,
-        start=40_000,
-    )
+    return _prose_stream("prose-heldout", n_prompts=32, seq_len=256, start=40_000)
 
 
 def _prose_long() -> PromptSet:
-    return PromptSet(
-        name="prose-long",
-        description=_DESCRIPTIONS["prose-long"],
-        kind="text_stream",
-        texts=_pydoc_topics(),
-        n_prompts=2,
-        seq_len=2048,
-        start=60_000,
-    )
+    return _prose_stream("prose-long", n_prompts=2, seq_len=2048, start=60_000)
 
 
 def _code() -> PromptSet:
