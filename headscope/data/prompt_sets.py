@@ -252,6 +252,14 @@ class TokenizedPrompts:
         """Tokens per prompt, BOS included, in prompt order."""
         return [len(t) for t in self.tokens]
 
+    def first(self, n: int | None) -> TokenizedPrompts:
+        """The first ``n`` prompts (all of them for None), for a cheaper run of a set."""
+        if n is None or n >= len(self.tokens):
+            return self
+        if n < 1:
+            raise HeadscopeError(f"need at least one prompt, got n = {n}")
+        return dataclasses.replace(self, tokens=self.tokens[:n])
+
     def batches(self, batch_size: int) -> Iterator[tuple[list[int], torch.Tensor]]:
         """Yield (prompt indices, LongTensor [b, T]) grouping prompts of EQUAL length (no padding).
 

@@ -117,6 +117,12 @@ class ModelHandle:
             )
         return self._bridge
 
+    def ablated(self, ablation, *, bridge: bool | None = None):
+        """Context manager: this model ablated inside (see ``headscope.probes.ablation``)."""
+        from headscope.probes.ablation import ablate
+
+        return ablate(self, ablation, bridge=bridge)
+
     def describe(self) -> dict[str, Any]:
         """JSON-able description for run manifests."""
         return {

@@ -30,10 +30,10 @@ from jaxtyping import Float
 from torch import Tensor
 
 from headscope.probes.models import ModelHandle
+from headscope.probes.sites import block_list
 from headscope.probes.streaming import (
     StreamingStatistics,
     _Accumulator,
-    _block_list,
     _padded_batches,
     forward_batch,
     pad_id_of,
@@ -71,7 +71,7 @@ def _edited_block(handle: ModelHandle, edit: tuple[int, BlockEdit] | None, lengt
         yield
         return
     layer, function = edit
-    block = _block_list(handle.model, handle.arch.n_layers)[layer]
+    block = block_list(handle.model, handle.arch.n_layers)[layer]
 
     def hook(_module, _inputs, output):
         hidden = output[0] if isinstance(output, tuple) else output

@@ -38,6 +38,7 @@ from torch import Tensor
 from headscope.kernels.attention_stats import chunked_attention_stats
 from headscope.probes.models import ModelHandle
 from headscope.probes.patterns import DEFAULT_SINK_KEYS
+from headscope.probes.sites import block_list
 
 ATTENTION_NAME = "headscope_stats"
 PROFILE_FIELDS = ("entropy", "max_prob", "sink_mass", "mean_distance")
@@ -219,14 +220,6 @@ def _register_attention() -> None:
 
     if ATTENTION_NAME not in AttentionInterface._global_mapping:
         AttentionInterface.register(ATTENTION_NAME, _attention_with_stats)
-
-
-def _block_list(model: torch.nn.Module, n_layers: int) -> torch.nn.ModuleList:
-    """The model's list of transformer blocks: the first ModuleList of n_layers modules."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
-            return module
-    raise RuntimeError("cannot find the model's list of transformer blocks")
 
 
 @contextlib.contextmanager
@@ -462,7 +455,7 @@ def forward_batch(
     mask = torch.arange(tokens.shape[1])[None] < lengths[:, None]
     session = _Session(accumulator, mask.to(handle.device), window=window, keep_first=keep_first)
     hooks = (
-        _residual_hooks(_block_list(handle.model, arch.n_layers), accumulator)
+        _residual_hooks(block_list(handle.model, arch.n_layers), accumulator)
         if accumulator is not None
         else contextlib.nullcontext()
     )

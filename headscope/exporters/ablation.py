@@ -1,0 +1,168 @@
+"""Export a head ablation: a versioned JSON spec, a baked checkpoint, TransformerLens hooks.
+
+``export_ablation(handle, ablation, out)`` writes one folder:
+
+- ``ablation.json``: the spec (format ``headscope-ablation``, version 1): the
+  heads, the method, the reference outputs a mean or resample ablation needs,
+  the modules skipped, and the model it was made for (spec, source, shape).
+- ``checkpoint/`` (zero ablation only): the model with the ablation baked into
+  its weights, each ablated head's slice of the attention output projection
+  zeroed (a skipped attention or MLP branch: its whole output projection and
+  bias), saved with ``save_pretrained`` so that stock transformers loads it
+  with ``AutoModelForCausalLM.from_pretrained``. Zeroing a head's rows of W_O
+  is exactly zero ablation of that head's output z (the bias, applied once for
+  all heads, stays); a mean or resample ablation has no such weight-only form.
+- ``transformer_lens_hooks.py``: a standalone copy of
+  ``headscope.exporters.transformer_lens_hooks``, the function that installs
+  the spec as TransformerLens hooks.
+
+Everything is checked before anything is written, and the folder is written
+under a temporary name and renamed at the end: a failed export leaves nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from headscope.errors import HeadscopeError
+from headscope.exporters import transformer_lens_hooks
+from headscope.probes.ablation import Ablation
+from headscope.probes.models import ModelHandle
+from headscope.probes.sites import block_sites, is_conv1d, zero_head_output_weight
+
+SPEC_FILE = "ablation.json"
+HOOKS_FILE = "transformer_lens_hooks.py"
+CHECKPOINT_DIR = "checkpoint"
+
+
+@dataclass(frozen=True)
+class AblationExport:
+    """Where an export was written."""
+
+    folder: Path
+    spec: Path
+    hooks: Path
+    checkpoint: Path | None
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().tolist()
+    if isinstance(value, Mapping):
+        return {str(k): _to_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_to_json(v) for v in value]
+    return value
+
+
+def spec_json(handle: ModelHandle, ablation: Ablation) -> dict[str, Any]:
+    """The spec as plain JSON values, with provenance."""
+    import headscope
+
+    spec = _to_json(ablation.to_spec(handle))
+    spec["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    spec["headscope_version"] = headscope.__version__
+    return spec
+
+
+def read_spec(path: str | Path) -> dict[str, Any]:
+    """Read and check an ablation spec written by ``export_ablation``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / SPEC_FILE
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise HeadscopeError(f"cannot read ablation spec {path}: {err}") from err
+    Ablation.from_spec(spec)  # raises on a wrong format or version
+    return spec
+
+
+def bake_zero_ablation(handle: ModelHandle, ablation: Ablation) -> torch.nn.Module:
+    """A copy of ``handle.model`` with the zero ablation written into its weights."""
+    if ablation.method != "zero":
+        raise HeadscopeError(
+            f"only zero ablation can be baked into weights; '{ablation.method}' ablation "
+            "is exported as the JSON spec and TransformerLens hooks"
+        )
+    if any(module == "block" for module, _ in ablation.skip):
+        raise HeadscopeError(
+            "skipping a whole block cannot be baked into weights; drop the layer instead "
+            "(headscope export prune)"
+        )
+    ablation.check(handle)
+    model = copy.deepcopy(handle.model)
+    sites = block_sites(model, handle.arch)
+    for layer, head in ablation.heads:
+        zero_head_output_weight(sites[layer], head, handle.arch)
+    for module, layer in ablation.skip:
+        projection = (
+            sites[layer].output_projection if module == "attn" else _mlp_output(sites[layer].mlp)
+        )
+        with torch.no_grad():
+            projection.weight.zero_()
+            if projection.bias is not None:
+                projection.bias.zero_()
+    return model
+
+
+def _mlp_output(mlp: torch.nn.Module | None) -> torch.nn.Module:
+    """The MLP's last projection (down_proj, c_proj, fc2): zero it and the branch is zero."""
+    if mlp is None:
+        raise HeadscopeError("this block has no MLP branch")
+    for name in ("down_proj", "c_proj", "fc2", "dense_4h_to_h"):
+        found = getattr(mlp, name, None)
+        if isinstance(found, torch.nn.Linear) or (found is not None and is_conv1d(found)):
+            return found
+    raise HeadscopeError(f"cannot find the output projection of {type(mlp).__name__}")
+
+
+def export_ablation(
+    handle: ModelHandle,
+    ablation: Ablation,
+    out: str | Path,
+    *,
+    force: bool = False,
+    checkpoint: bool | None = None,
+) -> AblationExport:
+    """Write the spec, the hooks file and (zero ablation) the baked checkpoint to ``out``.
+
+    ``checkpoint``: None bakes one whenever the method is zero; True demands it.
+    """
+    ablation.check(handle)
+    out = Path(out)
+    if out.exists() and not force:
+        raise HeadscopeError(f"{out} already exists; pass force=True (--force) to replace it")
+    bake = ablation.method == "zero" if checkpoint is None else checkpoint
+    baked = bake_zero_ablation(handle, ablation) if bake else None
+    spec = spec_json(handle, ablation)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=1) + "\n")
+        shutil.copyfile(transformer_lens_hooks.__file__, tmp / HOOKS_FILE)
+        if baked is not None:
+            baked.save_pretrained(tmp / CHECKPOINT_DIR, safe_serialization=True)
+            handle.tokenizer.save_pretrained(tmp / CHECKPOINT_DIR)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return AblationExport(
+        folder=out,
+        spec=out / SPEC_FILE,
+        hooks=out / HOOKS_FILE,
+        checkpoint=out / CHECKPOINT_DIR if baked is not None else None,
+    )
