@@ -179,6 +179,101 @@ def runs(
     console.print(table)
 
 
+export_app = typer.Typer(
+    help="Export head ablations (and, later, pruned models) for use outside headscope.",
+    no_args_is_help=True,
+)
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("ablation")
+def export_ablation(
+    heads: Annotated[
+        str | None, typer.Argument(help="heads as L<layer>H<head>, comma-separated: L3H5,L12H0")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="folder to write")] = Path("exports/ablation"),
+    model: Annotated[
+        str | None, typer.Option(help="model spec (default: the run's model, or smollm2-135m)")
+    ] = None,
+    from_run: Annotated[
+        Path | None, typer.Option("--from", help="take the heads from this run folder")
+    ] = None,
+    role: Annotated[
+        str | None, typer.Option(help="with --from: the detector whose top heads to take")
+    ] = None,
+    top: Annotated[int, typer.Option(help="with --from: how many heads")] = 1,
+    prompt_set: Annotated[
+        str | None, typer.Option(help="with --from: the table's prompt set, if several")
+    ] = None,
+    method: Annotated[str, typer.Option(help="zero | mean | resample | query_scale")] = "zero",
+    reference: Annotated[
+        str, typer.Option(help="prompt set for mean/resample reference outputs")
+    ] = "prose",
+    reference_prompts: Annotated[
+        int | None,
+        typer.Option(help="prompts of the reference set (default: all for mean, 8 for resample)"),
+    ] = None,
+    per_position: Annotated[bool, typer.Option(help="mean: one mean per position")] = False,
+    epsilon: Annotated[float, typer.Option(help="query_scale: the query factor")] = 1e-5,
+    checkpoint: Annotated[
+        bool, typer.Option(help="zero: also write the checkpoint with the ablation baked in")
+    ] = True,
+    force: Annotated[bool, typer.Option(help="replace an existing folder at --out")] = False,
+) -> None:
+    """Write a head ablation: JSON spec, TransformerLens hooks, baked checkpoint (zero)."""
+    from headscope.exporters.ablation import export_ablation as write_export
+    from headscope.exporters.ablation import heads_from_run
+    from headscope.probes.ablation import (
+        Ablation,
+        check_heads,
+        mean_ablation,
+        parse_heads,
+        resample_ablation,
+    )
+    from headscope.probes.models import DEFAULT_MODEL, load_model
+
+    try:
+        if (heads is None) == (from_run is None):
+            raise HeadscopeError("give the heads (e.g. L3H5,L12H0) or --from RUN --role NAME")
+        if from_run is not None:
+            if role is None:
+                raise HeadscopeError("--from needs --role: the detector whose top heads to take")
+            run_model, chosen = heads_from_run(from_run, role, top=top, prompt_set=prompt_set)
+            if model is not None and model != run_model:
+                raise HeadscopeError(
+                    f"run {from_run} was made with {run_model}, not {model}; drop --model"
+                )
+            model = run_model
+        else:
+            chosen = parse_heads(heads)
+        if out.exists() and not force:
+            raise HeadscopeError(f"{out} already exists; pass --force to replace it")
+        handle = load_model(model or DEFAULT_MODEL)
+        check_heads(chosen, handle.arch)
+        if method == "mean":
+            ablation = mean_ablation(
+                handle, chosen, prompt_set=reference, per_position=per_position,
+                n_prompts=reference_prompts,
+            )  # fmt: skip
+        elif method == "resample":
+            ablation = resample_ablation(
+                handle, chosen, prompt_set=reference, n_prompts=reference_prompts or 8
+            )
+        else:
+            ablation = Ablation(method=method, heads=chosen, epsilon=epsilon)
+        written = write_export(
+            handle, ablation, out, force=force, checkpoint=None if checkpoint else False
+        )
+    except HeadscopeError as err:
+        _fail(err)
+    names = ", ".join(f"L{layer}H{head}" for layer, head in chosen)
+    console.print(f"{method} ablation of {names} on {handle.spec} -> [bold]{written.folder}[/]")
+    console.print(f"  spec:       {written.spec}")
+    console.print(f"  TL hooks:   {written.hooks}")
+    if written.checkpoint is not None:
+        console.print(f"  checkpoint: {written.checkpoint} (AutoModelForCausalLM.from_pretrained)")
+
+
 bench_app = typer.Typer(
     help="Benchmarks: ratios against a baseline measured in the same run; "
     "rows appended to benchmarks/RESULTS.md.",

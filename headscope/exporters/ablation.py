@@ -65,6 +65,27 @@ def _to_json(value: Any) -> Any:
     return value
 
 
+def heads_from_run(
+    run: str | Path, role: str, *, top: int, prompt_set: str | None = None
+) -> tuple[str, tuple[tuple[int, int], ...]]:
+    """The model spec of ``run`` and the ``top`` heads of detector ``role`` by score."""
+    from headscope.runs import open_run
+
+    if top < 1:
+        raise HeadscopeError(f"--top must be at least 1, got {top}")
+    opened = open_run(run)
+    table = opened.head_table(role, prompt_set)
+    ranked = table.frame.dropna(subset=["score"]).sort_values(
+        ["score", "layer", "head"], ascending=[False, True, True]
+    )
+    if len(ranked) < top:
+        raise HeadscopeError(
+            f"{role} in {run} scores {len(ranked)} heads; cannot take the top {top}"
+        )
+    heads = tuple((int(r.layer), int(r.head)) for r in ranked.head(top).itertuples())
+    return opened.manifest["model"]["spec"], heads
+
+
 def spec_json(handle: ModelHandle, ablation: Ablation) -> dict[str, Any]:
     """The spec as plain JSON values, with provenance."""
     import headscope

@@ -215,14 +215,14 @@ def ablate(
     removers: list[Any] = []
     use_bridge = bridge if bridge is not None else handle._bridge is not None
     try:
-        removers += _install_head_hooks(sites, ablation, handle.arch)
-        removers += _install_skip_hooks(sites, ablation)
         with contextlib.ExitStack() as stack:
-            if use_bridge:
+            if use_bridge:  # built before the HF hooks go on, though the twin drops them anyway
                 model = handle.bridge
                 stack.enter_context(
                     model.hooks(fwd_hooks=ablation_hooks(ablation.to_spec(handle), model))
                 )
+            removers += _install_head_hooks(sites, ablation, handle.arch)
+            removers += _install_skip_hooks(sites, ablation)
             yield
     finally:
         for remover in removers:

@@ -135,12 +135,29 @@ class ModelHandle:
 
 
 def _weight_sharing_twin(model: Any) -> Any:
-    """A deep copy of ``model`` that shares every parameter and buffer tensor."""
+    """A deep copy of ``model`` that shares every parameter and buffer tensor.
+
+    Hooks attached to ``model`` at copy time (a headscope ablation or capture
+    in progress, or a user's own) belong to the original only: deepcopy would
+    copy them into the twin for good, so the twin's are cleared.
+    """
     import copy
     import itertools
 
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    return copy.deepcopy(model, memo=shared)
+    twin = copy.deepcopy(model, memo=shared)
+    for module in twin.modules():
+        for hooks in (
+            module._forward_hooks,
+            module._forward_hooks_with_kwargs,
+            module._forward_hooks_always_called,
+            module._forward_pre_hooks,
+            module._forward_pre_hooks_with_kwargs,
+            module._backward_hooks,
+            module._backward_pre_hooks,
+        ):
+            hooks.clear()
+    return twin
 
 
 def _tokenizer_for_bridge(tokenizer: Any) -> Any:
