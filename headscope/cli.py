@@ -56,7 +56,10 @@ def scan(
     prompts: Annotated[
         str, typer.Option(help="comma-separated built-in prompt sets or .txt/.jsonl files")
     ] = "prose,code,random-repeat,repeated-token",
-    detectors: Annotated[str, typer.Option(help="comma-separated detectors, or 'all'")] = "all",
+    detectors: Annotated[
+        str,
+        typer.Option(help="comma-separated detectors, 'default' (all but opt-in ones) or 'all'"),
+    ] = "default",
     out: Annotated[Path, typer.Option(help="run folder to write")] = Path("runs/latest"),
     force: Annotated[bool, typer.Option(help="replace an existing run at --out")] = False,
     n_prompts: Annotated[int | None, typer.Option(help="prompts per built-in set")] = None,
@@ -90,7 +93,7 @@ def scan(
             result = run_scan(
                 model,
                 prompts=prompts,
-                detectors=None if detectors == "all" else detectors,
+                detectors=detectors,
                 n_prompts=n_prompts,
                 seq_len=seq_len,
                 batch_size=batch_size,

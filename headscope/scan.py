@@ -52,7 +52,8 @@ class ScanConfig:
         metadata={"help": "built-in prompt set names or prompt files (.txt / .jsonl)"},
     )
     detectors: tuple[str, ...] | None = field(
-        default=None, metadata={"help": "detector names; None runs every registered detector"}
+        default=None,
+        metadata={"help": "detector names, 'default' or 'all'; None: all but opt-in ones"},
     )
     n_prompts: int | None = field(
         default=None, metadata={"help": "override the number of prompts of every built-in set"}

@@ -11,6 +11,7 @@ from headscope.analyses.classic import (
 )
 from headscope.analyses.dormant import ACTIVE_DORMANT_DEFAULTS, detect_active_dormant
 from headscope.analyses.hidden_sinks import HIDDEN_SINK_DEFAULTS, detect_hidden_sinks
+from headscope.analyses.importance import IMPORTANCE_DEFAULTS, detect_head_importance
 from headscope.analyses.massive import (
     INTERVENTION_DEFAULTS,
     MASSIVE_DEFAULTS,
@@ -32,6 +33,7 @@ from headscope.analyses.sink_norms import (
 )
 from headscope.analyses.sinks import DEFAULT_EPSILON, detect_first_token_sink
 from headscope.analyses.streaming_window import STREAMING_WINDOW_DEFAULTS, run_streaming_window
+from headscope.analyses.successor import SUCCESSOR_DEFAULTS, detect_successor_heads
 from headscope.analyses.tables import HeadTable, LayerTable
 
 register_detector(
@@ -148,6 +150,30 @@ register_detector(
         description="perplexity of window attention keeping 0 vs 4 first tokens (Xiao et al.)",
         capture="model",
         defaults=STREAMING_WINDOW_DEFAULTS,
+    )
+)
+
+register_detector(
+    Detector(
+        name="head_importance",
+        role="important head",
+        function=detect_head_importance,
+        primary_prompt_set="prose",
+        description="Michel et al. gradient importance vs mean-ablation loss increase",
+        capture="model",
+        defaults=IMPORTANCE_DEFAULTS,
+        opt_in=True,
+    )
+)
+register_detector(
+    Detector(
+        name="successor",
+        role="successor head",
+        function=detect_successor_heads,
+        primary_prompt_set="ordinal",
+        description="effective OV maps ordinal tokens to their successor (Gould et al. 2023)",
+        capture="model",
+        defaults=SUCCESSOR_DEFAULTS,
     )
 )
 

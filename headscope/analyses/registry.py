@@ -34,6 +34,8 @@ class Detector:
       holds the scan's streaming statistics, which it may reuse.
 
     ``defaults`` are the parameters used when the caller gives none.
+    ``opt_in`` experiments are too slow for every scan (head importance runs
+    one forward per head): they run when named, or with "all", not by default.
     """
 
     name: str
@@ -44,6 +46,7 @@ class Detector:
     capture: str = "streaming"
     across_prompt_sets: bool = False
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    opt_in: bool = False
 
     def __post_init__(self) -> None:
         if self.capture not in CAPTURES:
@@ -113,12 +116,18 @@ def detector_names() -> list[str]:
 
 
 def resolve_detectors(names: str | list[str] | tuple[str, ...] | None) -> list[Detector]:
-    """Detectors for a comma-separated string or list; None or 'all' means every one."""
-    if names is None or names == "all":
-        return list(_REGISTRY.values())
+    """Detectors for a comma-separated string or list.
+
+    None or "default": every detector but the opt-in ones; "all": every one.
+    """
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",")]
-    names = [n for n in names if n]
-    if not names:
-        raise HeadscopeError(f"no detector named; choose from: {', '.join(detector_names())}")
+    if names is not None:
+        names = [n for n in names if n]
+        if not names:
+            raise HeadscopeError(f"no detector named; choose from: {', '.join(detector_names())}")
+    if names is None or names == ["default"]:
+        return [d for d in _REGISTRY.values() if not d.opt_in]
+    if names == ["all"]:
+        return list(_REGISTRY.values())
     return [get_detector(n) for n in dict.fromkeys(names)]

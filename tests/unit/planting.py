@@ -77,3 +77,30 @@ def plant_massive_activation(
     finally:
         hook.remove()
     mlp.down_proj.weight[dim, neuron] = value / float(written["out"])
+
+
+@torch.no_grad()
+def plant_successor_head(
+    handle: ModelHandle, *, layer: int, head: int, sources: list[int], successors: list[int]
+) -> None:
+    """Make (layer, head)'s effective OV circuit map each source token to its successor.
+
+    Recomputes, straight from the Llama modules, what the head reads for each
+    source token: layer 0's MLP on the token's embedding (its pre-MLP norm
+    first, no attention), through layer ``layer``'s input norm, times the
+    head's W_V. Then only this head's W_O columns of o_proj are set, by least
+    squares, so that the head writes the successor's unembedding direction
+    (exact while len(sources) <= d_head). W_V is shared with the sibling head
+    of the same KV head, so it is left alone; every other weight is untouched.
+    """
+    model = handle.model.model
+    first = model.layers[0]
+    embedded = model.embed_tokens.weight[sources]
+    effective = first.mlp(first.post_attention_layernorm(embedded))
+    normed = model.layers[layer].input_layernorm(effective)
+    attention = model.layers[layer].self_attn
+    kv = head // (handle.arch.n_heads // handle.arch.n_kv_heads)
+    values = normed @ attention.v_proj.weight[kv * D_HEAD : (kv + 1) * D_HEAD].T  # [n, d_head]
+    targets = handle.model.lm_head.weight[successors]  # [n, d_model]: unembedding rows
+    w_o = torch.linalg.lstsq(values.double(), targets.double()).solution  # [d_head, d_model]
+    attention.o_proj.weight[:, head * D_HEAD : (head + 1) * D_HEAD] = w_o.T.float()
