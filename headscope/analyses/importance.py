@@ -42,13 +42,11 @@ from headscope.analyses.tables import HeadTable
 from headscope.data import get_prompt_set
 from headscope.data.prompt_sets import TokenizedPrompts
 from headscope.errors import HeadscopeError, NotApplicable
-from headscope.exporters.transformer_lens_hooks import head_key
-from headscope.probes.ablation import Ablation, mean_ablation
+from headscope.probes.ablation import Ablation, head_key, mean_ablation
 from headscope.probes.models import ModelHandle
 from headscope.probes.sites import block_sites
 from headscope.probes.streaming import _padded_batches, pad_id_of
 
-Head = tuple[int, int]
 #: (tokens [batch, T] right-padded, lengths [batch])
 Batch = tuple[Tensor, Tensor]
 TOP_N = 5
