@@ -33,6 +33,10 @@ _EXPORTS = {
     "LayerTable": "headscope.analyses",
     "detector_names": "headscope.analyses",
     "HeadscopeError": "headscope.errors",
+    "Ablation": "headscope.probes.ablation",
+    "mean_ablation": "headscope.probes.ablation",
+    "resample_ablation": "headscope.probes.ablation",
+    "export_ablation": "headscope.exporters.ablation",
 }
 
 __all__ = sorted(_EXPORTS)

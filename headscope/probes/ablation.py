@@ -190,7 +190,7 @@ class Ablation:
             method=spec["method"],
             heads=heads,
             skip=tuple((e["module"], e["layer"]) for e in spec.get("skip", [])),
-            epsilon=float(spec.get("epsilon") or DEFAULT_EPSILON),
+            epsilon=DEFAULT_EPSILON if spec.get("epsilon") is None else float(spec["epsilon"]),
             reference={
                 by_name[name]: torch.as_tensor(v, dtype=torch.float32) for name, v in values.items()
             },
