@@ -40,6 +40,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from headscope.analyses.tables import HeadTable
+from headscope.data.prompt_sets import _encode
 from headscope.errors import HeadscopeError, NotApplicable
 from headscope.probes.ablation import Ablation, Head, head_key, mean_ablation
 from headscope.probes.models import ModelHandle
@@ -111,10 +112,6 @@ class TokenSet:
 
     def counts(self) -> dict[str, int]:
         return {"items": self.n_items, "single_token": len(self.items), "pairs": len(self.pairs)}
-
-
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    return [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
 
 
 def _item_token(tokenizer: Any, item: str) -> tuple[int, bool] | None:
@@ -233,6 +230,16 @@ class SuccessionScores:
     def task_accuracy(self, layer: int, head: int) -> dict[str, float]:
         """Fraction of each task's pairs right for one head."""
         return {s.task: self.correct[s.task][layer, head] / len(s.pairs) for s in self.token_sets}
+
+    @property
+    def copy_scores(self) -> np.ndarray:
+        """[layer, head]: fraction of items whose own token tops the head's logits.
+
+        A copying head, not a successor head; it shows what a head's OV circuit
+        does when its succession score is low.
+        """
+        hits = sum((p == np.arange(p.shape[-1])).sum(-1) for p in self.predictions.values())
+        return hits / sum(p.shape[-1] for p in self.predictions.values())
 
     def top_heads(self, k: int) -> list[Head]:
         """The ``k`` best heads, best first (ties: lower layer, then lower head)."""
@@ -554,6 +561,10 @@ def detect_successor_heads(
         "best_score": float(scores[best]),
         "n_flagged": int((scores > threshold).sum()),
     }
+    copying = succession.copy_scores
+    best_copy = np.unravel_index(int(np.argmax(copying)), copying.shape)
+    summary["best_copy_head"] = head_key(*map(int, best_copy))
+    summary["best_copy_score"] = float(copying[best_copy])
     if behaviour:
         prompts = continuation_prompts(handle, token_sets, per_task=prompts_per_task)
         if prompts:

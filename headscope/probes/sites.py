@@ -30,10 +30,6 @@ from torch import Tensor
 from headscope.errors import HeadscopeError
 from headscope.probes.models import ArchInfo
 
-#: how the query projection's output is laid out: "flat" [.., H*dh], or
-#: "fused_qkv" [.., 3*H*dh] with the queries first (GPT-2's c_attn)
-QUERY_LAYOUTS = ("flat", "fused_qkv")
-
 
 @dataclass(frozen=True)
 class BlockSites:
@@ -44,7 +40,7 @@ class BlockSites:
     attention: torch.nn.Module
     output_projection: torch.nn.Module  # input: the heads' outputs z, concatenated
     query_projection: torch.nn.Module  # output: the queries (layout: query_layout)
-    query_layout: str
+    query_layout: str  # "flat" [.., H*dh] or "fused_qkv" [.., 3*H*dh], queries first (GPT-2)
     query_norm: torch.nn.Module | None  # normalises queries after the projection, if any
     value_projection: torch.nn.Module
     value_layout: str  # "separate" (v_proj) or "fused_qkv" (GPT-2)

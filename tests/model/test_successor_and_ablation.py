@@ -39,6 +39,8 @@ def test_no_head_passes_the_succession_threshold(successor):
     assert successor.summary["n_flagged"] == 0 and best < 0.4
     median = float(successor.frame["score"].median())
     assert best > 1.5 * median  # the best head is still well above the typical head
+    # the OV pipeline does find structure here: a head that copies its token
+    assert successor.summary["best_copy_score"] > 0.9
 
 
 def test_ablating_the_best_head_hurts_ordinal_continuation_more_than_random_heads(successor):

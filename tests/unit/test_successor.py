@@ -89,7 +89,7 @@ class WordTokenizer:
         self.vocab = {piece: i for i, piece in enumerate(pieces)}
         self.text_of = {i: piece for piece, i in self.vocab.items()}
 
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+    def __call__(self, text: str, add_special_tokens: bool = False, **options) -> dict:
         ids = []
         for piece in re.findall(r" ?[^, ]+|,", text):
             ids += [self.vocab[piece]] if piece in self.vocab else [1000 + ord(c) for c in piece]
@@ -320,3 +320,16 @@ def test_continuation_accuracy_reads_the_last_real_position_of_padded_batches(ti
     assert original.mean_log_prob < batched.mean_log_prob  # the argmax token is likelier
     with pytest.raises(HeadscopeError, match="no continuation prompts"):
         continuation_accuracy(tiny_llama, [])
+
+
+def test_a_planted_copying_head_has_the_top_copy_score_and_no_succession():
+    handle = fresh_tiny_llama()
+    (numbers,) = ordinal_token_sets(handle.tokenizer, ["numbers"])
+    items = list(numbers.token_ids)
+    plant_successor_head(handle, layer=1, head=2, sources=items, successors=items)  # maps t -> t
+    table = detect_successor_heads(handle, tasks=["numbers"], behaviour=False)
+    assert table.summary["best_copy_head"] == "L1H2" and table.summary["best_copy_score"] == 1.0
+    assert table.score(1, 2) == 0.0  # copying is never the successor
+    result = succession_scores(handle, [numbers])
+    others = np.delete(result.copy_scores.ravel(), 1 * 4 + 2)
+    assert others.max() < 0.5
