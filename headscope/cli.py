@@ -183,7 +183,7 @@ def runs(
 
 
 export_app = typer.Typer(
-    help="Export head ablations (and, later, pruned models) for use outside headscope.",
+    help="Export head ablations and pruned models for use outside headscope.",
     no_args_is_help=True,
 )
 app.add_typer(export_app, name="export")
@@ -275,6 +275,113 @@ def export_ablation(
     console.print(f"  TL hooks:   {written.hooks}")
     if written.checkpoint is not None:
         console.print(f"  checkpoint: {written.checkpoint} (AutoModelForCausalLM.from_pretrained)")
+
+
+def _layer_list(text: str | None) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(
+            int(part.strip().removeprefix("L")) for part in text.split(",") if part.strip()
+        )
+    except ValueError:
+        raise HeadscopeError(
+            f"layers must be comma-separated integers like 20,21; got '{text}'"
+        ) from None
+
+
+@export_app.command("prune")
+def export_prune(
+    out: Annotated[Path, typer.Option(help="folder to write")] = Path("exports/pruned"),
+    model: Annotated[
+        str | None, typer.Option(help="model spec (default: the run's model, or smollm2-135m)")
+    ] = None,
+    drop_attn: Annotated[
+        int, typer.Option(help="drop this many attention layers, most redundant first")
+    ] = 0,
+    drop_blocks: Annotated[
+        int, typer.Option(help="drop this many whole blocks, most redundant first")
+    ] = 0,
+    heads: Annotated[str | None, typer.Option(help="also zero these heads: L3H5,L12H0")] = None,
+    attn_layers: Annotated[
+        str | None, typer.Option(help="drop exactly these attention layers (e.g. 20,21)")
+    ] = None,
+    blocks: Annotated[
+        str | None, typer.Option(help="drop exactly these blocks (e.g. 25,26)")
+    ] = None,
+    order: Annotated[
+        str,
+        typer.Option(
+            help="similarity (LLM-Drop Sim) | block_influence (ShortGPT) | iterative "
+            "(LLM-Drop, re-measured after each drop)"
+        ),
+    ] = "similarity",
+    from_run: Annotated[
+        Path | None,
+        typer.Option("--from", help="take the order from this run's layer_redundancy tables"),
+    ] = None,
+    calibration: Annotated[
+        str, typer.Option(help="prompt set the order is measured on (without --from)")
+    ] = "prose",
+    calibration_prompts: Annotated[int, typer.Option(help="prompts of the calibration set")] = 64,
+    eval_set: Annotated[
+        str, typer.Option(help="held-out prompt set for the perplexity in the manifest")
+    ] = "prose-heldout",
+    eval_prompts: Annotated[int, typer.Option(help="prompts of the held-out set")] = 16,
+    batch_size: Annotated[int, typer.Option(help="prompts per forward pass")] = 8,
+    force: Annotated[bool, typer.Option(help="replace an existing folder at --out")] = False,
+) -> None:
+    """Write a pruned checkpoint (blocks removed, attention layers zeroed) and prune.json."""
+    from headscope.exporters.prune import choose_plan, export_pruned, orders_from_run
+    from headscope.probes.ablation import parse_heads
+    from headscope.probes.models import DEFAULT_MODEL, load_model
+
+    try:
+        chosen_heads = parse_heads(heads) if heads else ()
+        explicit_attn, explicit_blocks = _layer_list(attn_layers), _layer_list(blocks)
+        if out.exists() and not force:
+            raise HeadscopeError(f"{out} already exists; pass --force to replace it")
+        run_orders = None
+        if from_run is not None:
+            run_model, run_orders = orders_from_run(from_run)
+            if model is not None and model != run_model:
+                raise HeadscopeError(
+                    f"run {from_run} was made with {run_model}, not {model}; drop --model"
+                )
+            model = run_model
+        handle = load_model(model or DEFAULT_MODEL)
+        plan = choose_plan(
+            handle, n_attention=drop_attn, n_blocks=drop_blocks, order=order,
+            attention_layers=explicit_attn, blocks=explicit_blocks, heads=chosen_heads,
+            run_orders=run_orders, calibration=calibration,
+            calibration_prompts=calibration_prompts, batch_size=batch_size,
+        )  # fmt: skip
+        written = export_pruned(
+            handle, plan, out, force=force, eval_prompt_set=eval_set,
+            eval_prompts=eval_prompts, batch_size=batch_size,
+        )  # fmt: skip
+    except HeadscopeError as err:
+        _fail(err)
+    manifest = written.manifest
+    removed = manifest["removed"]
+    console.print(f"pruned {handle.spec} -> [bold]{written.folder}[/]")
+    console.print(f"  attention layers zeroed: {removed['attention_layers'] or '-'}")
+    console.print(f"  blocks removed:          {removed['blocks'] or '-'}")
+    if removed["heads"]:
+        console.print(f"  heads zeroed:            {', '.join(removed['heads'])}")
+    console.print(
+        f"  layers {manifest['n_layers']['original']} -> {manifest['n_layers']['pruned']}, "
+        f"parameters {manifest['parameters']['original']:,} -> "
+        f"{manifest['parameters']['pruned']:,}, "
+        f"checkpoint {manifest['checkpoint_bytes'] / 1e6:.1f} MB"
+    )
+    if manifest["perplexity"] is not None:
+        ppl = manifest["perplexity"]
+        console.print(
+            f"  held-out perplexity ({ppl['prompt_set']}, {ppl['n_tokens']} tokens): "
+            f"{ppl['original']:.3f} -> {ppl['pruned']:.3f} (x{ppl['ratio']:.3f})"
+        )
+    console.print(f"  checkpoint: {written.checkpoint} (AutoModelForCausalLM.from_pretrained)")
 
 
 bench_app = typer.Typer(

@@ -146,16 +146,65 @@ def sink_summary_table(rows: Sequence[tuple[str, str]], *, markdown: bool = Fals
     return table
 
 
-def _flagged_layers(table: LayerTable) -> Table:
+def _flagged_layers(table: LayerTable, *, all_rows_up_to: int = 12) -> Table:
+    """Every layer of a small model; of a larger one the flagged layers only."""
+    frame = table.frame
+    shown = frame if len(frame) <= all_rows_up_to else table.flagged()
+    order = table.summary.get("order")
     out = Table(
         title=f"{table.detector} on {table.prompt_set}: "
-        f"{int(table.frame['flagged'].sum())} of {len(table.frame)} layers flagged",
+        f"{int(frame['flagged'].sum())} of {len(frame)} layers flagged"
+        + (f"\nranking (flagged first): {_format(order)}" if order else ""),
         min_width=60,
     )
     for column in ("layer", "score", "flagged"):
         out.add_column(column, justify="right" if column == "score" else "left")
-    for _, row in table.frame.iterrows():
+    for _, row in shown.iterrows():
         out.add_row(f"L{row['layer']}", f"{row['score']:.4g}", "yes" if row["flagged"] else "")
+    return out
+
+
+def _families(table: HeadTable) -> Table:
+    summary = table.summary
+    out = Table(
+        title=f"head families on {table.prompt_set}: {summary.get('n_families')} families, "
+        f"mean silhouette {summary.get('silhouette', float('nan')):.3f}",
+        min_width=60,
+    )
+    for column in ("family", "size", "defined by", "members"):
+        out.add_column(column)
+    for family in summary.get("families", []):
+        members = family.get("members", [])
+        more = family["size"] - len(members)
+        out.add_row(
+            str(family["family"]),
+            str(family["size"]),
+            family.get("name", ""),
+            ", ".join(members) + (f" (+{more})" if more > 0 else ""),
+        )
+    return out
+
+
+def _drop_curves(table: LayerTable) -> Table:
+    summary = table.summary
+    out = Table(
+        title=f"drop simulation: held-out perplexity on {table.prompt_set} "
+        f"(baseline {summary['baseline_perplexity']:.3f})",
+        min_width=60,
+    )
+    out.add_column("dropped")
+    out.add_column("n")
+    curves = summary["curves"]
+    names = sorted({n for c in curves.values() for n, v in c.items() if isinstance(v, dict)
+                    and "perplexity" in v})  # fmt: skip
+    for name in names:
+        out.add_column(name, justify="right")
+    for kind, curve in curves.items():
+        for i, n in enumerate(curve["n_dropped"]):
+            cells = [
+                f"{curve[name]['perplexity'][i]:.3f}" if name in curve else "" for name in names
+            ]
+            out.add_row(kind if i == 0 else "", str(n), *cells)
     return out
 
 
@@ -199,7 +248,12 @@ def build_report(
     for detector in dict.fromkeys(t.detector for t in tables):
         own = [t for t in tables if t.detector == detector]
         lead = next((t for t in own if t.prompt_set == primary.get(detector)), own[0])
-        if isinstance(lead, HeadTable):
+        if detector == "head_families":
+            parts.append(_families(lead))
+        elif detector == "drop_simulation":
+            parts.append(_drop_curves(lead))
+            parts.append(_flagged_layers(lead))
+        elif isinstance(lead, HeadTable):
             parts.append(_top_heads(lead, top))
         elif detector != "massive_intervention":  # its one row is in the sink table
             parts.append(_flagged_layers(lead))

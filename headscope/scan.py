@@ -258,24 +258,29 @@ def _run_detectors(
     on_progress: ProgressCallback | None,
     timing: dict[str, float],
 ) -> tuple[list[HeadTable | LayerTable], list[dict[str, str]]]:
-    """Every detector's tables; those that do not apply are skipped with a reason."""
+    """Every detector's tables; those that do not apply are skipped with a reason.
+
+    "tables" detectors (head families) run last, on everything found before.
+    """
     tables: list[HeadTable | LayerTable] = []
     skipped: list[dict[str, str]] = []
-    for detector in detectors:
+    streaming = {name: s["streaming"] for name, s in stats.items() if "streaming" in s}
+    ordered = sorted(detectors, key=lambda d: d.capture == "tables")
+    for detector in ordered:
         try:
             if detector.capture == "model":
                 t0 = time.perf_counter()
-                streaming = {name: s["streaming"] for name, s in stats.items() if "streaming" in s}
                 if on_progress is not None:  # experiments run a few long forwards: a step bar
                     on_progress(detector.name, 0, 1)
-                tables.append(
-                    detector.run_experiment(
-                        handle, stats_by_set=streaming, batch_size=config.batch_size
-                    )
+                found = detector.run_experiment(
+                    handle, stats_by_set=streaming, batch_size=config.batch_size
                 )
+                tables += found if isinstance(found, list) else [found]
                 if on_progress is not None:
                     on_progress(detector.name, 1, 1)
                 timing[f"experiment_{detector.name}_s"] = round(time.perf_counter() - t0, 3)
+            elif detector.capture == "tables":
+                tables.append(detector.run_tables(tables, streaming))
             elif detector.across_prompt_sets:
                 if len(stats) < 2:
                     raise NotApplicable("it compares prompt sets and the scan has only one")

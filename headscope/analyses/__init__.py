@@ -10,6 +10,8 @@ from headscope.analyses.classic import (
     detect_previous_token,
 )
 from headscope.analyses.dormant import ACTIVE_DORMANT_DEFAULTS, detect_active_dormant
+from headscope.analyses.drop_simulation import DROP_SIMULATION_DEFAULTS, run_drop_simulation
+from headscope.analyses.families import FAMILIES_DEFAULTS, detect_head_families
 from headscope.analyses.hidden_sinks import HIDDEN_SINK_DEFAULTS, detect_hidden_sinks
 from headscope.analyses.importance import IMPORTANCE_DEFAULTS, detect_head_importance
 from headscope.analyses.massive import (
@@ -17,6 +19,11 @@ from headscope.analyses.massive import (
     MASSIVE_DEFAULTS,
     detect_massive_activations,
     run_massive_intervention,
+)
+from headscope.analyses.redundancy import (
+    REDUNDANCY_DEFAULTS,
+    REDUNDANCY_TABLES,
+    detect_layer_redundancy,
 )
 from headscope.analyses.registry import (
     Detector,
@@ -174,6 +181,45 @@ register_detector(
         description="effective OV maps ordinal tokens to their successor (Gould et al. 2023)",
         capture="model",
         defaults=SUCCESSOR_DEFAULTS,
+    )
+)
+register_detector(
+    Detector(
+        name="layer_redundancy",
+        role="redundant layer",
+        function=detect_layer_redundancy,
+        primary_prompt_set="prose",
+        description="LLM-Drop Sim per attention/MLP/block, ShortGPT block influence, "
+        "cross-layer attention-map similarity (EchoAtt)",
+        capture="model",
+        defaults=REDUNDANCY_DEFAULTS,
+        tables=REDUNDANCY_TABLES,
+    )
+)
+register_detector(
+    Detector(
+        name="drop_simulation",
+        role="attention layer cheap to drop",
+        function=run_drop_simulation,
+        primary_prompt_set="prose-heldout",
+        description="held-out perplexity vs dropped attention layers / blocks, in the "
+        "LLM-Drop, iterative, ShortGPT and random orders",
+        capture="model",
+        defaults=DROP_SIMULATION_DEFAULTS,
+        opt_in=True,
+    )
+)
+# last: it reads every other detector's tables
+register_detector(
+    Detector(
+        name="head_families",
+        role="head family",
+        function=detect_head_families,
+        primary_prompt_set="prose",
+        description="k-means families of heads on their statistics and role scores, "
+        "with a 2-D embedding",
+        capture="tables",
+        defaults=FAMILIES_DEFAULTS,
     )
 )
 

@@ -31,7 +31,13 @@ class Detector:
     - "model": an experiment that runs the model itself on its own inputs
       (perplexity under an intervention): ``function(handle, *, stats_by_set,
       batch_size, on_batch, **params)``, run once per scan; ``stats_by_set``
-      holds the scan's streaming statistics, which it may reuse.
+      holds the scan's streaming statistics, which it may reuse;
+    - "tables": an analysis of what the other detectors found (head
+      families): ``function(tables, stats_by_set, **params)``, run once after
+      every other detector, with their tables and the streaming statistics.
+
+    A detector returns one table named after it, or, when ``tables`` lists
+    names, one table per name (layer redundancy measures five at once).
 
     ``defaults`` are the parameters used when the caller gives none.
     ``opt_in`` experiments are too slow for every scan (head importance runs
@@ -47,12 +53,20 @@ class Detector:
     across_prompt_sets: bool = False
     defaults: Mapping[str, Any] = field(default_factory=dict)
     opt_in: bool = False
+    tables: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.capture not in CAPTURES:
             raise ValueError(f"capture must be one of {CAPTURES}, got '{self.capture}'")
-        if self.across_prompt_sets and self.capture == "model":
-            raise ValueError("a model experiment runs once per scan; across_prompt_sets is moot")
+        if self.across_prompt_sets and self.capture in ("model", "tables"):
+            raise ValueError(
+                f"a '{self.capture}' detector runs once per scan; across_prompt_sets is moot"
+            )
+
+    @property
+    def table_names(self) -> tuple[str, ...]:
+        """The names of the tables this detector writes."""
+        return self.tables or (self.name,)
 
     def _params(self, params: Mapping[str, Any]) -> dict[str, Any]:
         unknown = set(params) - set(self.defaults)
@@ -65,9 +79,16 @@ class Detector:
 
     def run(self, stats: Any, **params: Any):
         """Run on probe statistics (one set's, or ``{set: stats}`` when across sets)."""
-        if self.capture == "model":
-            raise TypeError(f"'{self.name}' is a model experiment; use run_experiment")
+        if self.capture in ("model", "tables"):
+            use = "run_experiment" if self.capture == "model" else "run_tables"
+            raise TypeError(f"'{self.name}' is a '{self.capture}' detector; use {use}")
         return self.function(stats, **self._params(params))
+
+    def run_tables(self, tables: Any, stats_by_set: Mapping[str, Any], **params: Any):
+        """Run a "tables" analysis on other detectors' tables and the streaming statistics."""
+        if self.capture != "tables":
+            raise TypeError(f"'{self.name}' does not read tables")
+        return self.function(list(tables), dict(stats_by_set), **self._params(params))
 
     def run_experiment(
         self,
@@ -90,14 +111,18 @@ class Detector:
         )
 
 
-CAPTURES = ("streaming", "patterns", "model")
+CAPTURES = ("streaming", "patterns", "model", "tables")
 _REGISTRY: dict[str, Detector] = {}
 
 
 def register_detector(detector: Detector) -> Detector:
-    """Add ``detector``; a second detector with the same name is an error."""
+    """Add ``detector``; a second detector or table with the same name is an error."""
     if detector.name in _REGISTRY:
         raise ValueError(f"detector '{detector.name}' is already registered")
+    taken = {name for d in _REGISTRY.values() for name in (d.name, *d.table_names)}
+    clash = taken & {detector.name, *detector.table_names}
+    if clash:
+        raise ValueError(f"table name(s) {sorted(clash)} of '{detector.name}' are already taken")
     _REGISTRY[detector.name] = detector
     return detector
 

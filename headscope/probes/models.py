@@ -14,7 +14,8 @@ Specs (``available_models()`` lists them with their availability):
 - a local Hugging Face folder, a ``.gguf`` file, or a hub id already in the
   local HF cache. headscope never downloads weights.
 - ``tiny:<arch>`` with arch in llama (GQA), gpt2, gemma3, bert: randomly
-  initialised small models for tests (seeded, so every load is identical).
+  initialised small models for tests (seeded, so every load is identical);
+  ``tiny:<arch>:<n_layers>`` gives it more layers than the default 2.
 
 Every failure a user can cause raises ``ModelLoadError`` with one line naming
 the fix.
@@ -541,17 +542,23 @@ def _load_from_hf_cache(repo_id: str) -> tuple[Any, Any]:
     return _load_hf_folder(Path(folder))
 
 
-def _load_tiny(arch: str) -> tuple[Any, Any, str]:
+def _load_tiny(name: str) -> tuple[Any, Any, str]:
     """Randomly initialised small model of a real architecture (seeded)."""
     from headscope.probes.tiny_tokenizer import tiny_tokenizer
 
+    arch, _, layers = name.partition(":")
+    n_layers = None
+    if layers:
+        if not layers.isdigit() or int(layers) < 1:
+            raise ModelLoadError(f"tiny:{name}: the layer count must be a positive integer")
+        n_layers = int(layers)
     if arch not in TINY_ARCHS:
         raise ModelLoadError(
             f"unknown tiny architecture '{arch}'; choose one of "
             + ", ".join(f"tiny:{a}" for a in TINY_ARCHS)
         )
     tokenizer = tiny_tokenizer()
-    config, model_class = tiny_config(arch, vocab_size=len(tokenizer))
+    config, model_class = tiny_config(arch, vocab_size=len(tokenizer), n_layers=n_layers)
     config.bos_token_id = tokenizer.bos_token_id
     config.eos_token_id = tokenizer.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id
@@ -561,19 +568,20 @@ def _load_tiny(arch: str) -> tuple[Any, Any, str]:
     if arch == "bert":
         tokenizer.cls_token = tokenizer.bos_token
         tokenizer.sep_token = tokenizer.eos_token
-    return model, tokenizer, f"tiny:{arch} (random init, seed 0)"
+    return model, tokenizer, f"tiny:{name} (random init, seed 0)"
 
 
-def tiny_config(arch: str, *, vocab_size: int) -> tuple[Any, Any]:
-    """Config and model class of a tiny ``arch`` model (2-3 layers, d_model 64)."""
+def tiny_config(arch: str, *, vocab_size: int, n_layers: int | None = None) -> tuple[Any, Any]:
+    """Config and model class of a tiny ``arch`` model (2 layers unless told, d_model 64)."""
     import transformers as tf
 
     common = {"vocab_size": vocab_size}
+    layers = n_layers or 2
     if arch == "llama":
         config = tf.LlamaConfig(
             hidden_size=64,
             intermediate_size=128,
-            num_hidden_layers=2,
+            num_hidden_layers=layers,
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=512,
@@ -581,13 +589,13 @@ def tiny_config(arch: str, *, vocab_size: int) -> tuple[Any, Any]:
         )
         return config, tf.LlamaForCausalLM
     if arch == "gpt2":
-        config = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, **common)
+        config = tf.GPT2Config(n_embd=64, n_layer=layers, n_head=4, n_positions=512, **common)
         return config, tf.GPT2LMHeadModel
     if arch == "gemma3":
         config = tf.Gemma3TextConfig(
             hidden_size=64,
             intermediate_size=128,
-            num_hidden_layers=2,
+            num_hidden_layers=layers,
             num_attention_heads=4,
             num_key_value_heads=1,
             head_dim=16,
@@ -599,7 +607,7 @@ def tiny_config(arch: str, *, vocab_size: int) -> tuple[Any, Any]:
     config = tf.BertConfig(
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         max_position_embeddings=512,
         **common,

@@ -133,6 +133,35 @@ def measure_perplexity(
     return Perplexity(nll_by_position=nll, count_by_position=count), statistics
 
 
+def plain_perplexity(
+    model: torch.nn.Module,
+    prompts,
+    *,
+    pad_id: int,
+    batch_size: int = 8,
+    on_batch: Callable[[int], None] | None = None,
+) -> Perplexity:
+    """Next-token perplexity of any causal LM module with its own attention (SDPA).
+
+    For measurements that need no statistics and no attention override, such
+    as perplexity under dropped layers (hooks on ``model``) or of a pruned copy.
+    """
+    device = next(model.parameters()).device
+    length = max(prompts.lengths)
+    nll = torch.zeros(length, dtype=torch.float64)
+    count = torch.zeros(length, dtype=torch.float64)
+    for indices, tokens, lengths in _padded_batches(prompts, batch_size, pad_id):
+        mask = (torch.arange(tokens.shape[1])[None] < lengths[:, None]).long()
+        with torch.inference_mode():
+            logits = model(
+                input_ids=tokens.to(device), attention_mask=mask.to(device), use_cache=False
+            ).logits
+        _add_nll(logits, tokens, lengths, nll, count)
+        if on_batch is not None:
+            on_batch(len(indices))
+    return Perplexity(nll_by_position=nll, count_by_position=count)
+
+
 def _add_nll(logits: Tensor, tokens: Tensor, lengths: Tensor, nll: Tensor, count: Tensor) -> None:
     """Add -log p(token t | < t) at target position t (t >= 1), skipping padding."""
     for row, length in enumerate(lengths.tolist()):

@@ -134,8 +134,10 @@ class _Session:
         *,
         window: int | None = None,
         keep_first: int = 0,
+        cross_layer=None,
     ):
         self.accumulator = accumulator  # None: run the attention, keep no statistics
+        self.cross_layer = cross_layer  # compares each layer's attention with the previous
         self.key_padding_mask = key_padding_mask
         self.unpadded = bool(key_padding_mask.all())  # lets the kernels skip masking
         self.window, self.keep_first = window, keep_first  # attention override, if any
@@ -210,6 +212,10 @@ def _attention_with_stats(
             stats,
             value_norms=value.detach().float().norm(dim=-1),
             output_norms=output.detach().float().norm(dim=-1).transpose(1, 2),
+        )
+    if session.cross_layer is not None:
+        session.cross_layer.add(
+            layer, query, key, scale=scale, window=window, causal=causal, key_padding_mask=padding
         )
     session.layers_seen.add(layer)
     return output, None
@@ -442,18 +448,24 @@ def forward_batch(
     window: int | None = None,
     keep_first: int = 0,
     with_logits: bool = False,
+    cross_layer=None,
 ) -> Tensor | None:
     """One forward of right-padded ``tokens`` through the headscope attention.
 
     Must run inside ``streaming_attention(handle)``. Statistics flow into
     ``accumulator`` when one is given; ``window``/``keep_first`` replace the
-    model's attention span (StreamingLLM). Returns the logits when asked;
+    model's attention span (StreamingLLM); ``cross_layer`` (an object with
+    ``add(layer, query, key, ...)``, see ``probes.layer_similarity``) receives
+    each layer's queries and keys. Returns the logits when asked;
     otherwise only the transformer body runs, which saves the LM head's
     [batch, T, vocab] tensor and matmul.
     """
     arch = handle.arch
     mask = torch.arange(tokens.shape[1])[None] < lengths[:, None]
-    session = _Session(accumulator, mask.to(handle.device), window=window, keep_first=keep_first)
+    session = _Session(
+        accumulator, mask.to(handle.device), window=window, keep_first=keep_first,
+        cross_layer=cross_layer,
+    )  # fmt: skip
     hooks = (
         _residual_hooks(block_list(handle.model, arch.n_layers), accumulator)
         if accumulator is not None

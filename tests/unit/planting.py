@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from headscope.probes.models import ModelHandle, load_model
+from headscope.probes.sites import block_sites
 
 CONSTANT = 3
 SLOW_ROPE_DIM = 7
@@ -104,3 +105,17 @@ def plant_successor_head(
     targets = handle.model.lm_head.weight[successors]  # [n, d_model]: unembedding rows
     w_o = torch.linalg.lstsq(values.double(), targets.double()).solution  # [d_head, d_model]
     attention.o_proj.weight[:, head * D_HEAD : (head + 1) * D_HEAD] = w_o.T.float()
+
+
+def _mlp_out(mlp: torch.nn.Module) -> torch.nn.Module:
+    return getattr(mlp, "down_proj", None) or mlp.c_proj
+
+
+@torch.no_grad()
+def plant_identity_block(handle, layer: int) -> None:
+    """Zero what ``layer``'s attention and MLP add to the residual: the block is a no-op."""
+    site = block_sites(handle.model, handle.arch)[layer]
+    for projection in (site.output_projection, _mlp_out(site.mlp)):
+        projection.weight.zero_()
+        if projection.bias is not None:
+            projection.bias.zero_()

@@ -1,0 +1,273 @@
+"""Head families on synthetic scans: planted groups, stability, input hygiene, errors.
+
+No model runs: statistics are stand-ins with the attributes the analysis reads
+(``means``, ``lengths``, ``causal``, ``n_layers``, ``n_heads``) and role scores
+are HeadTables built from arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import types
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import adjusted_rand_score
+
+from headscope.analyses.families import (
+    FAMILIES_DEFAULTS,
+    _relabel,
+    detect_head_families,
+    head_features,
+)
+from headscope.analyses.tables import HeadTable, LayerTable, evidence_to_json
+from headscope.errors import HeadscopeError
+
+N_LAYERS, N_HEADS = 4, 6
+LENGTHS = [20, 30]
+# planted groups with distinct sizes (10 / 8 / 6), so family numbers are known
+SIZES = {"sink": 10, "previous": 8, "diffuse": 6}
+PROFILES = {  # entropy (nats), max_prob, sink_mass, mean_distance, output_norm, prev, sink score
+    "sink": (0.3, 0.9, 0.9, 12.0, 0.5, 0.05, 0.9),
+    "previous": (0.5, 0.8, 0.05, 1.0, 8.0, 0.85, 0.05),
+    "diffuse": (2.5, 0.1, 0.1, 8.0, 4.0, 0.1, 0.1),
+}
+
+
+def _stats(prompt_set: str, means: dict[str, np.ndarray], *, lengths=LENGTHS, causal=True):
+    n_layers, n_heads = next(iter(means.values())).shape
+    return types.SimpleNamespace(
+        prompt_set=prompt_set,
+        causal=causal,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        lengths=list(lengths),
+        means={k: torch.tensor(v, dtype=torch.float64) for k, v in means.items()},
+    )
+
+
+def _table(detector: str, scores: np.ndarray, prompt_set: str = "prose") -> HeadTable:
+    return HeadTable.from_matrix(
+        scores, scores > 0.5, detector=detector, prompt_set=prompt_set, summary={}
+    )
+
+
+def _planted(seed: int = 0, noise: float = 0.01):
+    """Stats on one set plus two role tables; returns (tables, stats_by_set, groups[L, H])."""
+    rng = np.random.default_rng(seed)
+    groups = rng.permutation(np.repeat(list(SIZES), list(SIZES.values()))).reshape(
+        N_LAYERS, N_HEADS
+    )
+    columns = np.array([PROFILES[g] for g in groups.ravel()]).reshape(N_LAYERS, N_HEADS, -1)
+    columns = columns * (1 + noise * rng.standard_normal(columns.shape))
+    names = ("entropy", "max_prob", "sink_mass", "mean_distance", "output_norm")
+    stats = {"prose": _stats("prose", {n: columns[..., i] for i, n in enumerate(names)})}
+    tables = [
+        _table("previous_token", columns[..., 5]),
+        _table("first_token_sink", columns[..., 6]),
+    ]
+    return tables, stats, groups
+
+
+def _labels(table: HeadTable) -> np.ndarray:
+    return np.array([e["family"] for e in table.frame["evidence"]])
+
+
+def test_defaults_come_from_the_signature():
+    assert FAMILIES_DEFAULTS == {
+        "n_families": None,
+        "max_families": 8,
+        "seed": 0,
+        "embedding": "pca",
+    }
+
+
+def test_features_are_normalised_and_named():
+    tables, stats, _ = _planted()
+    frame = head_features(tables, stats)
+    assert list(frame.index.names) == ["layer", "head"]
+    assert len(frame) == N_LAYERS * N_HEADS
+    assert list(frame.columns) == [
+        "entropy@prose",
+        "first_token_sink@prose",
+        "max_prob@prose",
+        "mean_distance@prose",
+        "output_norm@prose",
+        "previous_token@prose",
+        "sink_mass@prose",
+    ]
+    means = {k: v.numpy().ravel() for k, v in stats["prose"].means.items()}
+    causal_scale = (math.lgamma(21) + math.lgamma(31)) / 50  # mean of log(i + 1) over rows
+    np.testing.assert_allclose(frame["entropy@prose"], means["entropy"] / causal_scale)
+    np.testing.assert_allclose(frame["mean_distance@prose"], means["mean_distance"] / 25)
+    np.testing.assert_allclose(frame["output_norm@prose"], np.log1p(means["output_norm"]))
+    np.testing.assert_allclose(frame["sink_mass@prose"], means["sink_mass"])
+    np.testing.assert_allclose(frame["previous_token@prose"], tables[0].matrix().ravel())
+
+    bidirectional = _stats("code", {"entropy": np.arange(24.0).reshape(4, 6)}, causal=False)
+    frame = head_features([], {"code": bidirectional})
+    scale = (20 * math.log(20) + 30 * math.log(30)) / 50
+    np.testing.assert_allclose(frame["entropy@code"], np.arange(24.0) / scale)
+
+
+def test_planted_families_are_recovered():
+    tables, stats, groups = _planted()
+    table = detect_head_families(tables, stats)
+    assert table.detector == "head_families"
+    assert table.prompt_set == "prose"
+    summary = table.summary
+    assert summary["n_families"] == 3
+    assert set(summary["silhouette_by_k"]) == set(range(2, 9))
+    assert max(summary["silhouette_by_k"], key=summary["silhouette_by_k"].get) == 3
+    labels = _labels(table)
+    assert adjusted_rand_score(groups.ravel(), labels) == 1.0
+    # numbered by size: family 0 is the 10 sink heads, 1 the previous-token heads
+    for family, group in enumerate(SIZES):
+        assert set(groups.ravel()[labels == family]) == {group}
+    assert [f["size"] for f in summary["families"]] == list(SIZES.values())
+    assert table.frame["flagged"].all() and summary["silhouette"] > 0.8
+    np.testing.assert_allclose(table.frame["score"].mean(), summary["silhouette"])
+    sink = summary["families"][0]
+    assert len(sink["defining"]) == 3 and len(sink["name"].split(", ")) == 2
+    assert sink["defining"][0]["direction"] in ("high", "low")
+    assert "high sink_mass@prose" in sink["name"] or "high first_token_sink@prose" in sink["name"]
+    diffuse = summary["families"][2]["name"]
+    assert "high entropy@prose" in diffuse or "low max_prob@prose" in diffuse
+    assert len({f["name"] for f in summary["families"]}) == 3
+    members = sink["members"]
+    assert len(members) == 10 and all(
+        groups[int(m[1 : m.index("H")]), int(m[m.index("H") + 1 :])] == "sink" for m in members
+    )
+    first = table.frame["evidence"][0]
+    assert set(first) >= {"family", "family_name", "x", "y", "features"}
+    assert set(first["features"]) == set(table.params["features"])
+    assert len(summary["explained_variance"]) == 2 and sum(summary["explained_variance"]) <= 1
+    json.dumps(table.metadata())
+    evidence_to_json(first)
+
+
+def test_given_number_of_families():
+    tables, stats, _ = _planted()
+    table = detect_head_families(tables, stats, n_families=2)
+    assert table.summary["n_families"] == 2
+    assert list(table.summary["silhouette_by_k"]) == [2]
+    assert set(_labels(table)) == {0, 1}
+    assert table.params["n_families"] == 2
+
+
+def _assert_same(a: HeadTable, b: HeadTable) -> None:
+    pd.testing.assert_frame_equal(a.frame, b.frame)
+    assert a.metadata() == b.metadata()
+
+
+def test_same_seed_same_result_and_input_order_does_not_matter():
+    tables, stats, _ = _planted(noise=0.2)  # noisy enough that k-means has choices
+    reference = detect_head_families(tables, stats, seed=3)
+    _assert_same(reference, detect_head_families(tables, stats, seed=3))
+    more_stats = {**stats, "code": _planted(seed=1, noise=0.2)[1]["prose"]}
+    forward = detect_head_families(tables, more_stats, seed=3)
+    backward = detect_head_families(tables[::-1], dict(reversed(more_stats.items())), seed=3)
+    _assert_same(forward, backward)
+    assert forward.prompt_set == "code+prose"
+
+
+def test_relabelling_ignores_kmeans_numbering():
+    labels = np.array([2, 2, 0, 1, 1, 1, 0, 2, 1])  # sizes: 1 -> 4, 2 -> 3, 0 -> 2
+    expected = np.array([1, 1, 2, 0, 0, 0, 2, 1, 0])
+    np.testing.assert_array_equal(_relabel(labels), expected)
+    permuted = np.array([5, 9, 7])[labels]
+    np.testing.assert_array_equal(_relabel(permuted), expected)
+    ties = np.array([4, 4, 3, 3])  # equal sizes: the family seen first gets 0
+    np.testing.assert_array_equal(_relabel(ties), [0, 0, 1, 1])
+
+
+def test_layer_tables_and_earlier_families_are_ignored():
+    tables, stats, _ = _planted()
+    reference = detect_head_families(tables, stats)
+    layer_table = LayerTable(
+        frame=pd.DataFrame(
+            {
+                "layer": range(N_LAYERS),
+                "score": np.arange(N_LAYERS, dtype=float),
+                "flagged": False,
+                "evidence": [{}] * N_LAYERS,
+            }
+        ),
+        n_layers=N_LAYERS,
+        detector="residual_peak",
+        prompt_set="prose",
+    )
+    again = detect_head_families([layer_table, reference, *tables], stats)
+    _assert_same(reference, again)
+    assert not any(name.startswith("head_families") for name in again.params["features"])
+
+
+def test_missing_values_filled_and_constant_columns_dropped():
+    tables, stats, _ = _planted()
+    gappy = tables[0].matrix().copy()
+    gappy[0, :3] = np.nan
+    gappy[1, 0] = np.inf
+    extra = [
+        _table("induction", gappy),
+        _table("duplicate_token", np.full((N_LAYERS, N_HEADS), 0.3)),
+        _table("successor", np.full((N_LAYERS, N_HEADS), np.nan)),
+    ]
+    frame = head_features(tables + extra, stats)
+    assert not frame.isna().any().any()
+    assert "duplicate_token@prose" not in frame and "successor@prose" not in frame
+    finite = gappy[np.isfinite(gappy)]
+    assert frame.loc[(0, 0), "induction@prose"] == pytest.approx(np.median(finite))
+    assert frame.loc[(1, 0), "induction@prose"] == pytest.approx(np.median(finite))
+    table = detect_head_families(tables + extra, stats)
+    assert table.summary["dropped_features"] == {
+        "all_missing": ["successor@prose"],
+        "constant": ["duplicate_token@prose"],
+    }
+    evidence = table.frame["evidence"]
+    assert evidence[0]["imputed"] == ["induction@prose"] and evidence[5]["imputed"] == []
+
+
+def test_tables_alone_are_enough():
+    tables, _, _ = _planted()
+    table = detect_head_families(tables, {})
+    assert table.prompt_set == "tables"
+    assert table.params["features"] == ["first_token_sink@prose", "previous_token@prose"]
+    one = detect_head_families(tables[:1], {})  # a single feature: the embedding's y is 0
+    assert one.params["features"] == ["previous_token@prose"]
+    assert all(e["y"] == 0 for e in one.frame["evidence"])
+    assert one.summary["explained_variance"] == pytest.approx([1.0, 0.0])
+
+
+def test_errors():
+    tables, stats, _ = _planted()
+    with pytest.raises(HeadscopeError, match="disagree"):
+        detect_head_families([_table("induction", np.zeros((3, N_HEADS)))], stats)
+    with pytest.raises(HeadscopeError, match="statistics or head tables"):
+        head_features([], {})
+    with pytest.raises(HeadscopeError, match="at least 3 heads"):
+        detect_head_families([_table("induction", np.array([[0.1, 0.9]]))], {})
+    for bad in (1, N_LAYERS * N_HEADS):
+        with pytest.raises(HeadscopeError, match="n_families"):
+            detect_head_families(tables, stats, n_families=bad)
+    with pytest.raises(HeadscopeError, match="max_families"):
+        detect_head_families(tables, stats, max_families=1)
+    with pytest.raises(HeadscopeError, match="embedding"):
+        detect_head_families(tables, stats, embedding="umap")
+    with pytest.raises(HeadscopeError, match="no usable feature"):
+        detect_head_families([_table("induction", np.ones((N_LAYERS, N_HEADS)))], {})
+    with pytest.raises(HeadscopeError, match="no prompts"):
+        head_features([], {"prose": _stats("prose", {"entropy": np.ones((2, 2))}, lengths=[])})
+
+
+def test_tsne_embedding_is_seeded():
+    tables, stats, groups = _planted()
+    a = detect_head_families(tables, stats, embedding="tsne", seed=1)
+    b = detect_head_families(tables, stats, embedding="tsne", seed=1)
+    _assert_same(a, b)
+    assert "explained_variance" not in a.summary
+    xy = np.array([[e["x"], e["y"]] for e in a.frame["evidence"]])
+    assert np.isfinite(xy).all() and xy.std(0).min() > 0
+    assert adjusted_rand_score(groups.ravel(), _labels(a)) == 1.0
