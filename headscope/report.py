@@ -189,7 +189,8 @@ def _drop_curves(table: LayerTable) -> Table:
     summary = table.summary
     out = Table(
         title=f"drop simulation: held-out perplexity on {table.prompt_set} "
-        f"(baseline {summary['baseline_perplexity']:.3f})",
+        f"(baseline {summary['baseline_perplexity']:.3f}; random = mean of "
+        f"{table.params.get('n_random', '?')} orders)",
         min_width=60,
     )
     out.add_column("dropped")
@@ -197,12 +198,16 @@ def _drop_curves(table: LayerTable) -> Table:
     curves = summary["curves"]
     names = sorted({n for c in curves.values() for n, v in c.items() if isinstance(v, dict)
                     and "perplexity" in v})  # fmt: skip
-    for name in names:
-        out.add_column(name, justify="right")
+    columns = [(name, "perplexity") for name in names]
+    if any("median" in curve.get("random", {}) for curve in curves.values()):
+        columns.append(("random", "median"))
+    for name, key in columns:
+        out.add_column(name if key == "perplexity" else f"{name} {key}", justify="right")
     for kind, curve in curves.items():
         for i, n in enumerate(curve["n_dropped"]):
             cells = [
-                f"{curve[name]['perplexity'][i]:.3f}" if name in curve else "" for name in names
+                f"{curve[name][key][i]:.3f}" if key in curve.get(name, {}) else ""
+                for name, key in columns
             ]
             out.add_row(kind if i == 0 else "", str(n), *cells)
     return out

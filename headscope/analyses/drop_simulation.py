@@ -13,7 +13,7 @@ claims on the model at hand. Orders, most redundant first:
 - ``block_influence``: ShortGPT's BI order (for attention: the attention
   modules of the lowest-BI blocks);
 - ``random``: ``n_random`` seeded random orders; the curve is their mean
-  perplexity, with the spread and every draw kept.
+  perplexity, with the median, the geometric mean, the spread and every draw.
 
 Dropping is done with the ablation engine's module skips (an attention branch
 zeroed, a block returning its input), which is exactly what ``headscope export
@@ -118,7 +118,7 @@ def run_drop_simulation(
     max_attention_drops: int | None = None,
     max_block_drops: int | None = None,
     n_points: int = 6,
-    n_random: int = 3,
+    n_random: int = 5,
     seed: int = 0,
     harmless_nats: float = 0.01,
 ) -> LayerTable:
@@ -171,9 +171,13 @@ def run_drop_simulation(
             entry[name] = {"order": order[:max_drops], "perplexity": perplexity}
         if draws:
             per_draw = np.array([held.curve(module, draw, steps) for draw in draws])
+            # one unlucky draw (an early layer dropped) dominates the mean, so the
+            # median and the geometric mean (exp of the mean NLL) come with it
             entry["random"] = {
                 "perplexity": per_draw.mean(0).tolist(),
                 "sd": per_draw.std(0).tolist(),
+                "median": np.median(per_draw, axis=0).tolist(),
+                "geometric_mean": np.exp(np.log(per_draw).mean(0)).tolist(),
                 "draws": per_draw.tolist(),
                 "orders": [draw[:max_drops] for draw in draws],
             }

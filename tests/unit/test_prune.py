@@ -179,6 +179,9 @@ def test_drop_simulation_curves_and_single_drop_costs():
         draws = np.array(entry["random"]["draws"])
         assert draws.shape == (2, 3)
         assert entry["random"]["perplexity"] == pytest.approx(draws.mean(0).tolist())
+        assert entry["random"]["median"] == pytest.approx(np.median(draws, axis=0).tolist())
+        geometric = np.exp(np.log(draws).mean(0))
+        assert entry["random"]["geometric_mean"] == pytest.approx(geometric.tolist())
     assert curves["attention"]["similarity"]["order"][0] == 3
     assert math.isfinite(table.summary["spearman_attention_sim_vs_drop_cost"])
     json.dumps(table.metadata())  # the run stores it as JSON
