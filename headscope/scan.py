@@ -172,6 +172,8 @@ def scan(
         for ps in prompt_sets
     }
     captures = {d.capture for d in detectors}
+    if "tables" in captures:  # head families cluster on the streaming statistics too
+        captures.add("streaming")
     stats: dict[str, dict[str, Any]] = {name: {} for name in tokenized}
     for prompt_set in prompt_sets:
         prompts = tokenized[prompt_set.name]

@@ -85,17 +85,28 @@ class _HeldOut:
 
 
 def iterative_order(
-    handle: ModelHandle, calibration, module: str, n_drops: int, *, batch_size: int
+    handle: ModelHandle,
+    calibration,
+    module: str,
+    n_drops: int,
+    *,
+    batch_size: int,
+    removed_blocks: Sequence[int] = (),
 ) -> list[int]:
-    """LLM-Drop's iterative dropping: re-measure Sim after each drop, drop the highest."""
+    """LLM-Drop's iterative dropping: re-measure Sim after each drop, drop the highest.
+
+    ``removed_blocks`` are skipped throughout and never chosen (attention
+    layers to drop from a model whose blocks are being dropped too).
+    """
     field = "attention" if module == "attn" else "block"
+    removed = [("block", i) for i in removed_blocks]
     dropped: list[int] = []
     for _ in range(n_drops):
-        similarity = measure_layer_similarity(
-            handle, calibration, batch_size=batch_size, skip=[(module, i) for i in dropped]
-        )
+        skip = removed + [(module, i) for i in dropped]
+        similarity = measure_layer_similarity(handle, calibration, batch_size=batch_size, skip=skip)
         order = redundancy_order(getattr(similarity, field))
-        dropped.append(next(layer for layer in order if layer not in dropped))
+        taken = set(dropped) | set(removed_blocks)
+        dropped.append(next(layer for layer in order if layer not in taken))
     return dropped
 
 
@@ -208,7 +219,7 @@ def run_drop_simulation(
     )
     summary = {
         "baseline_perplexity": math.exp(base_nll),
-        "held_out_tokens": int(sum(evaluation.lengths)),
+        "held_out_targets": int(sum(length - 1 for length in evaluation.lengths)),
         "curves": curves,
         "spearman_attention_sim_vs_drop_cost": _spearman(
             similarity.attention.numpy(), single_attention

@@ -295,12 +295,16 @@ def choose_plan(
             if run_orders is not None:
                 raise HeadscopeError("the iterative order is measured here, not read from a run")
             prompts = tokenized(handle, calibration, calibration_prompts)
-
-            def ranked(module: str, n: int) -> list[int]:
-                return iterative_order(handle, prompts, module, n, batch_size=batch_size)
-
-            chosen_attention = ranked("attn", n_attention) if n_attention else []
-            chosen_blocks = ranked("block", n_blocks) if n_blocks else []
+            chosen_blocks = (
+                iterative_order(handle, prompts, "block", n_blocks, batch_size=batch_size,
+                                removed_blocks=blocks)
+                if n_blocks else []
+            )  # fmt: skip
+            chosen_attention = (
+                iterative_order(handle, prompts, "attn", n_attention, batch_size=batch_size,
+                                removed_blocks=(*blocks, *chosen_blocks))
+                if n_attention else []
+            )  # fmt: skip
             reason["calibration"] = {"prompt_set": calibration, "n_prompts": len(prompts)}
         else:
             orders = run_orders
@@ -313,8 +317,18 @@ def choose_plan(
                     "prompt_set": calibration,
                     "n_prompts": calibration_prompts,
                 }
-            chosen_attention = list(orders["attention"][order][:n_attention])
-            chosen_blocks = list(orders["block"][order][:n_blocks])
+            explicit_blocks = set(blocks)
+            chosen_blocks = [i for i in orders["block"][order] if i not in explicit_blocks]
+            chosen_blocks = chosen_blocks[:n_blocks]
+            # an attention layer inside a removed block is gone already: take the next
+            gone = explicit_blocks | set(chosen_blocks)
+            chosen_attention = [i for i in orders["attention"][order] if i not in gone]
+            chosen_attention = chosen_attention[:n_attention]
+            if len(chosen_attention) < n_attention:
+                raise HeadscopeError(
+                    f"only {len(chosen_attention)} attention layers are left outside "
+                    f"the removed blocks; cannot drop {n_attention}"
+                )
             reason["attention_order"] = list(orders["attention"][order])
             reason["block_order"] = list(orders["block"][order])
         attention_layers = (*attention_layers, *chosen_attention)

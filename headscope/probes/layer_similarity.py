@@ -249,8 +249,18 @@ class _MapSums:
         self.previous = None
         self.valid = valid
 
-    def add(self, layer: int, query: Tensor, key: Tensor, *, scale: float, window, causal: bool,
-            key_padding_mask: Tensor | None) -> None:  # fmt: skip
+    def add(
+        self,
+        layer: int,
+        query: Tensor,
+        key: Tensor,
+        *,
+        scale: float,
+        window: int | None,
+        causal: bool,
+        key_padding_mask: Tensor | None,
+    ) -> None:
+        """Compare ``layer``'s attention with the previous layer's, then remember it."""
         from headscope.kernels.cross_layer import cross_layer_similarity
 
         previous, self.previous = self.previous, (layer, query, key, scale, window)

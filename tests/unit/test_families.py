@@ -271,3 +271,44 @@ def test_tsne_embedding_is_seeded():
     xy = np.array([[e["x"], e["y"]] for e in a.frame["evidence"]])
     assert np.isfinite(xy).all() and xy.std(0).min() > 0
     assert adjusted_rand_score(groups.ravel(), _labels(a)) == 1.0
+
+
+def test_a_scan_runs_families_last_on_every_other_table(tmp_path):
+    """Wired into the scan: the family features include the other detectors' scores."""
+    from headscope.runs import open_run
+    from headscope.scan import scan
+
+    result = scan(
+        "tiny:llama:3", prompts="prose,code", detectors="previous_token,head_families,successor",
+        n_prompts=4, out=tmp_path / "run", on_progress=False,
+    )  # fmt: skip
+    table = open_run(result.path).head_table("head_families")
+    features = table.params["features"]
+    assert "previous_token@prose" in features and "successor@ordinal" in features
+    assert "entropy@code" in features  # a families scan captures the statistics too
+    assert len(table.frame) == 3 * 4
+    assert {"family", "x", "y"} <= set(table.frame["evidence"][0])
+
+
+def test_families_alone_still_have_the_streaming_statistics():
+    from headscope.scan import scan
+
+    result = scan(
+        "tiny:llama:3", prompts="prose", detectors="head_families", n_prompts=4,
+        on_progress=False,
+    )  # fmt: skip
+    features = result.head_table("head_families").params["features"]
+    assert "entropy@prose" in features and "sink_mass@prose" in features
+
+
+def test_a_detector_cannot_take_a_table_name_already_taken():
+    from headscope.analyses.registry import Detector, register_detector
+
+    with pytest.raises(ValueError, match="already taken"):
+        register_detector(
+            Detector(
+                name="another_redundancy", role="x", function=lambda h: h,
+                primary_prompt_set="prose", description="x", capture="model",
+                tables=("llm_drop_block",),
+            )
+        )  # fmt: skip

@@ -97,9 +97,14 @@ def test_choose_plan_takes_the_most_redundant_layers_first():
     handle = load_model("tiny:llama:5")
     plant_identity_block(handle, 3)
     for order in ("similarity", "block_influence", "iterative"):
-        plan = choose_plan(handle, n_attention=1, n_blocks=1, order=order, calibration_prompts=4)
-        assert plan.attention_layers == (3,) and plan.blocks == (3,), order
-        assert plan.reason["order"] == order
+        plan = choose_plan(handle, n_attention=1, order=order, calibration_prompts=4)
+        assert plan.attention_layers == (3,) and plan.reason["order"] == order
+        plan = choose_plan(handle, n_blocks=1, order=order, calibration_prompts=4)
+        assert plan.blocks == (3,), order
+    for order in ("similarity", "iterative"):  # no attention layer of a removed block
+        plan = choose_plan(handle, n_attention=2, n_blocks=1, order=order, calibration_prompts=4)
+        assert plan.blocks == (3,) and len(plan.attention_layers) == 2
+        assert 3 not in plan.attention_layers
     explicit = choose_plan(handle, attention_layers=(0, 1), heads=((2, 1),))
     assert explicit.attention_layers == (0, 1) and explicit.reason["order"] == "explicit"
 
