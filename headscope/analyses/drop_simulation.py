@@ -110,6 +110,33 @@ def iterative_order(
     return dropped
 
 
+class _Progress:
+    """Counts measurements: into the caller's callback, else onto a tqdm bar.
+
+    The total is an upper bound (orders sharing a prefix share evaluations),
+    so ``finish`` fills the bar when the simulation is done.
+    """
+
+    def __init__(self, on_batch: Callable[[int], None] | None, total: int):
+        self.bar = None
+        self.on_batch = on_batch
+        if on_batch is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc="drop simulation", unit="measurement", leave=False)
+
+    def __call__(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+        else:
+            self.on_batch(n)
+
+    def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.update(self.bar.total - self.bar.n)
+            self.bar.close()
+
+
 def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
     from scipy.stats import spearmanr
 
@@ -153,20 +180,27 @@ def run_drop_simulation(
         )
     calibration_set = calibration_prompts(handle, calibration, calibration_prompts_n)
     evaluation = calibration_prompts(handle, held_out, held_out_prompts)
-    held = _HeldOut(handle, evaluation, batch_size, on_batch)
+    n_evaluations = (
+        1 + 2 * n_layers  # baseline, single drops
+        + (len(drop_steps(max_attention, n_points)) - 1) * (3 + n_random)
+        + (len(drop_steps(max_block, n_points)) - 1) * (2 + n_random)
+    )  # fmt: skip
+    progress = _Progress(on_batch, max_attention + max_block + n_evaluations)
+    held = _HeldOut(handle, evaluation, batch_size, progress)
     similarity = measure_layer_similarity(handle, calibration_set, batch_size=batch_size)
+    iterative = {
+        module: iterative_order(handle, calibration_set, module, n, batch_size=batch_size)
+        for module, n in (("attn", max_attention), ("block", max_block))
+    }
+    progress(max_attention + max_block)
     orders = {
         "attention": {
             "similarity": redundancy_order(similarity.attention),
-            "similarity_iterative": iterative_order(
-                handle, calibration_set, "attn", max_attention, batch_size=batch_size
-            ),
+            "similarity_iterative": iterative["attn"],
             "block_influence": redundancy_order(similarity.block_influence, highest_first=False),
         },
         "block": {
-            "similarity_iterative": iterative_order(
-                handle, calibration_set, "block", max_block, batch_size=batch_size
-            ),
+            "similarity_iterative": iterative["block"],
             "block_influence": redundancy_order(similarity.block_influence, highest_first=False),
         },
     }
@@ -202,6 +236,7 @@ def run_drop_simulation(
         curves[kind] = entry
     single_attention = np.array([held.nll([("attn", i)]) - base_nll for i in range(n_layers)])
     single_block = np.array([held.nll([("block", i)]) - base_nll for i in range(n_layers)])
+    progress.finish()
     frame = pd.DataFrame(
         {
             "layer": np.arange(n_layers),
