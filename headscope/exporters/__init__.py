@@ -1,4 +1,5 @@
-"""Exporters: ablation specs, baked/pruned checkpoints, hook installers.
+"""Exporters: ablation specs, baked and pruned checkpoints, TransformerLens hook installers.
 
-Not built yet. Exporters will return copies or specs and never edit a model in place.
+Exporters return copies or specs and never edit a model in place; every
+export folder is written atomically (``folders.atomic_folder``).
 """

@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ import torch
 
 from headscope.errors import HeadscopeError
 from headscope.exporters import transformer_lens_hooks
+from headscope.exporters.folders import atomic_folder
 from headscope.probes.ablation import Ablation
 from headscope.probes.models import ModelHandle
 from headscope.probes.sites import block_sites, is_conv1d, zero_head_output_weight
@@ -167,20 +167,12 @@ def export_ablation(
     bake = ablation.method == "zero" if checkpoint is None else checkpoint
     baked = bake_zero_ablation(handle, ablation) if bake else None
     spec = spec_json(handle, ablation)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=1) + "\n")
         shutil.copyfile(transformer_lens_hooks.__file__, tmp / HOOKS_FILE)
         if baked is not None:
             baked.save_pretrained(tmp / CHECKPOINT_DIR, safe_serialization=True)
             handle.tokenizer.save_pretrained(tmp / CHECKPOINT_DIR)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return AblationExport(
         folder=out,
         spec=out / SPEC_FILE,

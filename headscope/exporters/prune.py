@@ -24,8 +24,6 @@ skipping its branch, so the checkpoint computes what the ablation engine's
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +33,7 @@ from typing import Any
 import torch
 
 from headscope.errors import HeadscopeError
+from headscope.exporters.folders import atomic_folder
 from headscope.probes.ablation import Ablation, Head, check_heads
 from headscope.probes.models import ModelHandle
 from headscope.probes.sites import block_list
@@ -190,19 +189,11 @@ def export_pruned(
         "perplexity": perplexity,
         "how_to_load": "transformers.AutoModelForCausalLM.from_pretrained('<folder>/checkpoint')",
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         model.save_pretrained(tmp / CHECKPOINT_DIR, safe_serialization=True)
         handle.tokenizer.save_pretrained(tmp / CHECKPOINT_DIR)
         manifest["checkpoint_bytes"] = _size_of(tmp / CHECKPOINT_DIR)
         (tmp / PRUNE_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return PruneExport(folder=out, checkpoint=out / CHECKPOINT_DIR, manifest=manifest)
 
 
