@@ -128,12 +128,22 @@ def report(
     sinks: Annotated[
         bool, typer.Option(help="instead, print only the summary of the sink analyses")
     ] = False,
+    html: Annotated[
+        Path | None,
+        typer.Option(help="instead, write a self-contained HTML report with figures here"),
+    ] = None,
 ) -> None:
     """Print the sink analyses, the top heads per role and the flagged layers of a run."""
     from headscope.report import build_report, score_matrix, sink_summary, sink_summary_table
     from headscope.runs import open_run
 
     try:
+        if html is not None:
+            from headscope.html_report import write_html_report
+
+            written = write_html_report(run, html)
+            console.print(f"wrote [bold]{written}[/] ({written.stat().st_size / 1e6:.1f} MB)")
+            return
         opened = open_run(run)
         tables = [*opened.head_tables(), *opened.layer_tables()]
         if sinks:
