@@ -192,6 +192,36 @@ def runs(
     console.print(table)
 
 
+@app.command()
+def dashboard(
+    runs: Annotated[Path, typer.Argument(help="folder holding runs")] = Path("runs"),
+    host: Annotated[
+        str, typer.Option(help="address to bind; 0.0.0.0 exposes it to your network")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to serve on")] = 8501,
+) -> None:
+    """Serve the Streamlit dashboard on the runs under RUNS (Ctrl-C stops it)."""
+    import subprocess
+
+    from headscope import dashboard as dashboard_package
+
+    if not runs.is_dir():
+        _fail(HeadscopeError(f"no runs folder {runs}; make a run with `headscope scan --out`"))
+    script = Path(dashboard_package.__file__).parent / "app.py"
+    command = [
+        sys.executable, "-m", "streamlit", "run", str(script),
+        "--server.address", host, "--server.port", str(port), "--server.headless", "true",
+        "--browser.gatherUsageStats", "false",
+    ]  # fmt: skip
+    environment = {**os.environ, "HEADSCOPE_RUNS_DIR": str(runs.resolve())}
+    console.print(f"headscope dashboard: [bold]http://{host}:{port}[/] (runs under {runs})")
+    try:
+        code = subprocess.call(command, env=environment)
+    except KeyboardInterrupt:
+        code = 0
+    raise typer.Exit(code)
+
+
 export_app = typer.Typer(
     help="Export head ablations and pruned models for use outside headscope.",
     no_args_is_help=True,

@@ -1,0 +1,74 @@
+"""Export: choose heads or layers, preview the spec, download it, copy the CLI command."""
+
+from __future__ import annotations
+
+import json
+
+import streamlit as st
+
+from headscope.dashboard.data import current_run, head_label, parse_head_label
+from headscope.exporters.prune import PrunePlan
+
+run = current_run()
+spec = run.manifest.get("model", {}).get("spec", "MODEL")
+arch = run.manifest.get("model", {}).get("arch", {})
+n_layers, n_heads = int(arch.get("n_layers", 0)), int(arch.get("n_heads", 0))
+st.title("Export")
+kind = st.radio("what", ["head ablation", "pruned model"], horizontal=True)
+labels = [head_label(layer, head) for layer in range(n_layers) for head in range(n_heads)]
+
+if kind == "head ablation":
+    tables = run.head_tables()
+    source = st.selectbox(
+        "suggest heads from", ["(none)", *dict.fromkeys(t.detector for t in tables)]
+    )
+    suggested: list[str] = []
+    if source != "(none)":
+        table = next(t for t in tables if t.detector == source)
+        top = st.number_input("top", 1, max(1, len(table.frame)), 3)
+        best = table.top(int(top)).itertuples()
+        suggested = [head_label(int(r.layer), int(r.head)) for r in best]
+    heads = st.multiselect("heads", labels, default=suggested)
+    method = st.selectbox("method", ["zero", "mean", "resample", "query_scale"])
+    preview = {
+        "format": "headscope-ablation", "version": 1, "model": spec, "method": method,
+        "heads": [{"layer": parse_head_label(h)[0], "head": parse_head_label(h)[1]}
+                  for h in heads],
+        "note": "preview: `headscope export ablation` adds the reference outputs "
+        "(mean/resample) and the model's shape",
+    }  # fmt: skip
+    command = f"headscope export ablation {','.join(heads) or 'L0H0'} --model {spec} " + (
+        f"--method {method} --out exports/ablation"
+    )
+    name = "ablation.json"
+else:
+    orders = {t.detector: t.summary.get("order", []) for t in run.layer_tables()}
+    by = st.selectbox("suggest from", ["(none)", *[k for k in orders if orders[k]]])
+    attention_default: list[int] = []
+    if by != "(none)":
+        count = st.number_input("how many attention layers", 0, n_layers, 2)
+        attention_default = list(orders[by][: int(count)])
+    attention = st.multiselect("attention layers to zero", list(range(n_layers)),
+                               default=attention_default)  # fmt: skip
+    blocks = st.multiselect("blocks to remove", list(range(n_layers)))
+    heads = st.multiselect("heads to zero", labels)
+    plan = PrunePlan(attention_layers=tuple(attention), blocks=tuple(blocks),
+                     heads=tuple(parse_head_label(h) for h in heads))  # fmt: skip
+    preview = {"format": "headscope-prune", "version": 1, "model": spec,
+               "removed": plan.to_json()}  # fmt: skip
+    parts = [f"headscope export prune --model {spec} --out exports/pruned"]
+    if attention:
+        parts.append(f"--attn-layers {','.join(map(str, plan.attention_layers))}")
+    if blocks:
+        parts.append(f"--blocks {','.join(map(str, plan.blocks))}")
+    if heads:
+        parts.append(f"--heads {','.join(heads)}")
+    command = " ".join(parts)
+    name = "prune-plan.json"
+
+st.subheader("Preview")
+st.json(preview)
+st.download_button("download JSON", json.dumps(preview, indent=1), file_name=name,
+                   mime="application/json")  # fmt: skip
+st.subheader("The matching command")
+st.code(command, language="bash")

@@ -1,0 +1,116 @@
+"""Head: one head's scores across detectors, its statistics, its attention on prompts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from headscope.dashboard.data import (
+    HEAD_KEY,
+    attention_on_prompt,
+    current_run,
+    head_label,
+    parse_head_label,
+)
+from headscope.errors import HeadscopeError
+from headscope.plots import attention_pattern
+
+run = current_run()
+arch = run.manifest.get("model", {}).get("arch", {})
+n_layers, n_heads = int(arch.get("n_layers", 0)), int(arch.get("n_heads", 0))
+if not n_layers or not n_heads:
+    st.error("The run's manifest does not describe the model's layers and heads.")
+    st.stop()
+labels = [head_label(layer, head) for layer in range(n_layers) for head in range(n_heads)]
+if st.session_state.get(HEAD_KEY) not in labels:
+    st.session_state[HEAD_KEY] = labels[0]
+choice = st.selectbox("head", labels, key=HEAD_KEY)
+layer, head = parse_head_label(choice)
+st.title(f"Head {choice}")
+
+rows = []
+for table in run.head_tables():
+    frame = table.frame
+    mine = frame[(frame["layer"] == layer) & (frame["head"] == head)]
+    if mine.empty:
+        continue
+    score = float(mine["score"].iloc[0])
+    rank = int((frame["score"] > score).sum()) + 1
+    flagged = bool(mine["flagged"].iloc[0])
+    rows.append({"detector": table.detector, "prompt set": table.prompt_set, "score": score,
+                 "flagged": flagged, "rank": f"{rank} of {len(frame)}"})  # fmt: skip
+st.subheader("Scores across detectors")
+if rows:
+    st.dataframe(pd.DataFrame(rows), hide_index=True)
+else:
+    st.caption("No head table in this run.")
+
+st.subheader("Statistics by query position")
+tensors = run.tensors()
+profiles = sorted({name.split("/")[-1] for name in tensors if name.endswith("_by_query")})
+sets = sorted({name.split("/")[0] for name in tensors if "/streaming/" in name})
+if profiles and sets:
+    statistic = st.selectbox("statistic", profiles)
+    figure = go.Figure()
+    for prompt_set in sets:
+        values = tensors.get(f"{prompt_set}/streaming/{statistic}")
+        if values is None or values.dim() != 3:
+            continue
+        mine = values[layer, head].numpy()
+        figure.add_trace(go.Scatter(y=mine, mode="lines", name=f"{prompt_set}: {choice}"))
+        layer_mean = values[layer].mean(0).numpy()
+        figure.add_trace(go.Scatter(y=layer_mean, mode="lines", line={"dash": "dot"},
+                                    name=f"{prompt_set}: layer {layer} mean"))  # fmt: skip
+    figure.update_layout(xaxis={"title": "query position"}, yaxis={"title": statistic})
+    st.plotly_chart(figure, key="profile")
+else:
+    st.caption("This run has no streaming statistics (scan with a streaming detector).")
+
+st.subheader("Attention on the run's sample prompts")
+samples = run.sample_names()
+if samples:
+    sample = st.selectbox("sample", samples)
+    stored = run.samples(sample)
+    pattern = stored["patterns"][layer, head].float().numpy()
+    token_ids = [int(t) for t in stored["tokens"]]
+    st.plotly_chart(
+        attention_pattern(pattern, [str(t) for t in token_ids],
+                          title=f"{choice} on the first '{sample}' prompt (token ids)"),
+        key="sample_pattern",
+    )  # fmt: skip
+    received = pattern.sum(0)
+    top = np.argsort(-received)[:8]
+    st.caption("Most-attended key positions (attention summed over queries):")
+    st.dataframe(
+        pd.DataFrame({"position": top, "token id": [token_ids[i] for i in top],
+                      "attention received": received[top]}),
+        hide_index=True,
+    )  # fmt: skip
+else:
+    st.caption("No sample patterns stored (they come from the patterns capture).")
+
+st.subheader("Attention on your own prompt")
+st.caption("Computed through the TransformerLens bridge on demand (loads the model once).")
+with st.form("own_prompt"):
+    text = st.text_input("prompt", "The cat sat on the mat. The cat sat on the")
+    submitted = st.form_submit_button("show attention")
+if submitted:
+    spec = run.manifest.get("model", {}).get("spec", "")
+    try:
+        with st.spinner(f"running {spec} on the prompt..."):
+            result = attention_on_prompt(spec, "cpu", text, layer)
+    except HeadscopeError as err:
+        st.error(str(err))
+    else:
+        pattern = result["pattern"][head]
+        st.plotly_chart(attention_pattern(pattern, result["tokens"], title=f"{choice}"),
+                        key="own_pattern")  # fmt: skip
+        received = pattern.sum(0)
+        top = np.argsort(-received)[:8]
+        st.dataframe(
+            pd.DataFrame({"token": [result["tokens"][i] for i in top], "position": top,
+                          "attention received": received[top]}),
+            hide_index=True,
+        )  # fmt: skip

@@ -1,0 +1,49 @@
+"""Overview: the model, a role census, and a layer x head heatmap for every detector."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from headscope.dashboard.data import HEAD_KEY, current_run, head_label
+from headscope.plots import head_heatmap, layer_bars, role_census
+
+run = current_run()
+manifest = run.manifest
+model = manifest.get("model", {})
+st.title(f"Overview: {model.get('spec', run.name)}")
+arch = model.get("arch", {})
+columns = st.columns(4)
+for column, (label, key) in zip(
+    columns, (("layers", "n_layers"), ("heads", "n_heads"), ("KV heads", "n_kv_heads"),
+              ("d_model", "d_model")), strict=True,
+):  # fmt: skip
+    column.metric(label, arch.get(key, "?"))
+with st.expander("ArchInfo and run details"):
+    st.json({"arch": arch, "timing": manifest.get("timing", {}),
+             "prompt_sets": manifest.get("prompt_sets", [])}, expanded=False)  # fmt: skip
+for skipped in manifest.get("skipped", []):
+    st.caption(f"skipped {skipped['detector']}: {skipped['reason']}")
+
+head_tables, layer_tables = run.head_tables(), run.layer_tables()
+if not head_tables and not layer_tables:
+    st.warning("This run holds no tables.")
+    st.stop()
+st.plotly_chart(role_census([*head_tables, *layer_tables]), key="census")
+
+st.header("Heads")
+st.caption("Click a head to open it on the Head page.")
+for i, table in enumerate(head_tables):
+    event = st.plotly_chart(
+        head_heatmap(table), key=f"heat_{i}", on_select="rerun", selection_mode="points"
+    )
+    points = (event or {}).get("selection", {}).get("points", [])
+    if points:
+        point = points[0]
+        layer = int(str(point["y"]).removeprefix("L"))
+        head = int(str(point["x"]).removeprefix("H"))
+        st.session_state[HEAD_KEY] = head_label(layer, head)
+        st.switch_page("views/head.py")
+
+st.header("Layers")
+for i, table in enumerate(layer_tables):
+    st.plotly_chart(layer_bars(table), key=f"bars_{i}")

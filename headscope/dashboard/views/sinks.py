@@ -1,0 +1,34 @@
+"""Sinks: the attention-sink suite of the run (first-token and hidden sinks, massive
+activations, value drain, residual peak, active-dormant heads, StreamingLLM)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from headscope.dashboard.data import current_run
+from headscope.plots import figures_for
+from headscope.report import sink_summary
+
+SINK_DETECTORS = (
+    "first_token_sink", "hidden_sink", "massive_activations", "value_drain", "residual_peak",
+    "active_dormant", "massive_intervention", "streaming_window",
+)  # fmt: skip
+
+run = current_run()
+st.title("Attention sinks")
+tables = [t for t in [*run.head_tables(), *run.layer_tables()] if t.detector in SINK_DETECTORS]
+if not tables:
+    st.info("This run has no sink analyses; scan with the default detectors.")
+    st.stop()
+rows = sink_summary(tables)
+if rows:
+    st.dataframe(pd.DataFrame(rows, columns=["quantity", "value"]), hide_index=True)
+detectors = list(dict.fromkeys(t.detector for t in tables))
+tabs = st.tabs(detectors)
+for tab, detector in zip(tabs, detectors, strict=True):
+    with tab:
+        for i, table in enumerate(t for t in tables if t.detector == detector):
+            st.caption(table.description)
+            for j, figure in enumerate(figures_for(table)):
+                st.plotly_chart(figure, key=f"{detector}_{i}_{j}")
