@@ -84,6 +84,13 @@ def attention_on_prompt(spec: str, device: str, text: str, layer: int) -> dict[s
     return {"pattern": captured["pattern"], "tokens": [handle.tokenizer.decode([i]) for i in ids]}
 
 
+@st.cache_data(show_spinner=False, max_entries=64)
+def decoded_tokens(spec: str, device: str, token_ids: tuple[int, ...]) -> list[str]:
+    """The text of each token id, with the model's own tokenizer."""
+    tokenizer = model(spec, device).tokenizer
+    return [tokenizer.decode([i]) for i in token_ids]
+
+
 def current_run():
     """The run picked in the sidebar, or an error panel and a stop."""
     path = st.session_state.get(RUN_KEY)

@@ -99,6 +99,11 @@ def test_head_page_shows_scores_profiles_and_the_sample_pattern(runs_dir, monkey
     scores = at.dataframe[0].value
     assert set(scores["detector"]) >= {"previous_token", "induction", "first_token_sink"}
     assert len(_charts(at)) == 2  # a statistic profile and the sample pattern
+    at.toggle(key="decode").set_value(True).run()
+    assert not at.exception and not at.error
+    before = list(_visit(_app(runs_dir, monkeypatch), "head").dataframe[1].value["token"])
+    assert all(t.isdigit() for t in before)  # token ids until decoding is asked for
+    assert not all(t.isdigit() for t in at.dataframe[1].value["token"])
     at.text_input[0].input("one two three one two")
     at.button[0].click().run()  # the form's submit: the pattern through the bridge
     assert not at.exception and not at.error

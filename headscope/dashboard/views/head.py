@@ -11,6 +11,7 @@ from headscope.dashboard.data import (
     HEAD_KEY,
     attention_on_prompt,
     current_run,
+    decoded_tokens,
     head_label,
     parse_head_label,
 )
@@ -75,16 +76,23 @@ if samples:
     stored = run.samples(sample)
     pattern = stored["patterns"][layer, head].float().numpy()
     token_ids = [int(t) for t in stored["tokens"]]
+    words = [str(t) for t in token_ids]
+    if st.toggle("show token texts (loads the model's tokenizer once)", key="decode"):
+        spec = run.manifest.get("model", {}).get("spec", "")
+        try:
+            with st.spinner(f"loading {spec}..."):
+                words = decoded_tokens(spec, "cpu", tuple(token_ids))
+        except HeadscopeError as err:
+            st.error(str(err))
     st.plotly_chart(
-        attention_pattern(pattern, [str(t) for t in token_ids],
-                          title=f"{choice} on the first '{sample}' prompt (token ids)"),
+        attention_pattern(pattern, words, title=f"{choice} on the first '{sample}' prompt"),
         key="sample_pattern",
-    )  # fmt: skip
+    )
     received = pattern.sum(0)
     top = np.argsort(-received)[:8]
     st.caption("Most-attended key positions (attention summed over queries):")
     st.dataframe(
-        pd.DataFrame({"position": top, "token id": [token_ids[i] for i in top],
+        pd.DataFrame({"position": top, "token": [words[i] for i in top],
                       "attention received": received[top]}),
         hide_index=True,
     )  # fmt: skip
