@@ -98,7 +98,7 @@ def test_head_page_shows_scores_profiles_and_the_sample_pattern(runs_dir, monkey
     assert at.title[0].value == "Head L2H1"
     scores = at.dataframe[0].value
     assert set(scores["detector"]) >= {"previous_token", "induction", "first_token_sink"}
-    assert len(_charts(at)) == 2  # a statistic profile and the sample pattern
+    assert len(_charts(at)) == 3  # a statistic profile, the α_0 histogram, the sample pattern
     at.toggle(key="decode").set_value(True).run()
     assert not at.exception and not at.error
     before = list(_visit(_app(runs_dir, monkeypatch), "head").dataframe[1].value["token"])
@@ -107,7 +107,7 @@ def test_head_page_shows_scores_profiles_and_the_sample_pattern(runs_dir, monkey
     at.text_input[0].input("one two three one two")
     at.button[0].click().run()  # the form's submit: the pattern through the bridge
     assert not at.exception and not at.error
-    assert len(_charts(at)) == 3
+    assert len(_charts(at)) == 4
 
 
 def test_redundancy_page_draws_the_drop_curves_when_present(runs_dir, monkeypatch):

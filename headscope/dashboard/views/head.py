@@ -69,6 +69,21 @@ if profiles and sets:
 else:
     st.caption("This run has no streaming statistics (scan with a streaming detector).")
 
+alphas = {
+    name.split("/")[0]: value
+    for name, value in tensors.items()
+    if name.endswith("/streaming/sink_alpha") and value.dim() == 4
+}
+if alphas:
+    st.subheader("Distribution over prompts of its first-token sink score α_0")
+    figure = go.Figure()
+    for prompt_set, value in alphas.items():
+        figure.add_trace(go.Histogram(x=value[:, layer, head, 0].numpy(), name=prompt_set,
+                                      opacity=0.6, nbinsx=30))  # fmt: skip
+    figure.update_layout(barmode="overlay", xaxis={"title": "α_0 per prompt"},
+                         yaxis={"title": "prompts"})  # fmt: skip
+    st.plotly_chart(figure, key="alpha_histogram")
+
 st.subheader("Attention on the run's sample prompts")
 samples = run.sample_names()
 if samples:
