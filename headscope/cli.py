@@ -201,8 +201,6 @@ def dashboard(
     port: Annotated[int, typer.Option(help="port to serve on")] = 8501,
 ) -> None:
     """Serve the Streamlit dashboard on the runs under RUNS (Ctrl-C stops it)."""
-    import subprocess
-
     from headscope import dashboard as dashboard_package
 
     if not runs.is_dir():
@@ -215,11 +213,9 @@ def dashboard(
     ]  # fmt: skip
     environment = {**os.environ, "HEADSCOPE_RUNS_DIR": str(runs.resolve())}
     console.print(f"headscope dashboard: [bold]http://{host}:{port}[/] (runs under {runs})")
-    try:
-        code = subprocess.call(command, env=environment)
-    except KeyboardInterrupt:
-        code = 0
-    raise typer.Exit(code)
+    sys.stdout.flush()
+    # become streamlit (no child left behind when this process is signalled)
+    os.execve(sys.executable, command, environment)
 
 
 export_app = typer.Typer(

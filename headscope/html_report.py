@@ -102,9 +102,7 @@ def build_html_report(manifest: dict[str, Any], tables: Sequence[HeadTable | Lay
         )
     body = "\n".join(parts)
     for i, figure in enumerate(figures):
-        rendered = figure.to_html(
-            full_html=False, include_plotlyjs=i == 0, div_id=f"figure-{i}"
-        )
+        rendered = figure.to_html(full_html=False, include_plotlyjs=i == 0, div_id=f"figure-{i}")
         body = body.replace(f"{{figure{i}}}", rendered, 1)
     title = html.escape(f"headscope: {model.get('spec', 'run')}")
     return (

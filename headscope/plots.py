@@ -28,8 +28,15 @@ def _title(table: HeadTable | LayerTable) -> str:
     return f"{table.detector} on {table.prompt_set}"
 
 
-def head_heatmap(table: HeadTable, *, title: str | None = None) -> go.Figure:
-    """Layer x head grid of a head table's scores; flagged heads outlined."""
+def head_heatmap(
+    table: HeadTable, *, title: str | None = None, clickable: bool = False
+) -> go.Figure:
+    """Layer x head grid of a head table's scores; flagged heads outlined.
+
+    ``clickable`` lays an invisible marker on every cell: plotly cannot select
+    a heatmap cell, and a selectable point is what a click in the dashboard
+    reports (its x and y are the head and layer labels).
+    """
     scores = table.matrix()
     flagged = np.zeros_like(scores, dtype=bool)
     frame = table.frame
@@ -58,6 +65,20 @@ def head_heatmap(table: HeadTable, *, title: str | None = None) -> go.Figure:
                 marker={"symbol": "square-open", "size": 14, "color": FLAG_COLOR},
                 name="flagged",
                 hoverinfo="skip",
+            )
+        )
+    if clickable:
+        grid_layers, grid_heads = np.meshgrid(range(table.n_layers), range(table.n_heads),
+                                              indexing="ij")  # fmt: skip
+        figure.add_trace(
+            go.Scatter(
+                x=[heads[h] for h in grid_heads.ravel()],
+                y=[layers[layer] for layer in grid_layers.ravel()],
+                mode="markers",
+                marker={"symbol": "square", "size": 14, "opacity": 0},
+                customdata=scores.ravel(),
+                hovertemplate="%{y}%{x}: %{customdata:.4g} (click to open)<extra></extra>",
+                name="heads",
             )
         )
     figure.update_layout(

@@ -8,7 +8,9 @@ and leaves nothing behind; the run itself is written atomically by
 
 from __future__ import annotations
 
+import sys
 import time
+import types
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -293,3 +295,15 @@ def _run_detectors(
         except NotApplicable as reason:
             skipped.append({"detector": detector.name, "reason": str(reason)})
     return tables, skipped
+
+
+class _CallableModule(types.ModuleType):
+    """``headscope.scan`` is both this module and the function: importing the
+    submodule (as the CLI does) binds the module to the package's ``scan``
+    attribute, so the module forwards calls to the function."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> ScanResult:
+        return scan(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

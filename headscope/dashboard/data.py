@@ -1,5 +1,8 @@
 """Every Streamlit cache wrapper of the dashboard, and the shared page helpers.
 
+Pages import from here, never from each other: importing a page module runs
+that page.
+
 Cache keys: a run by its resolved path and its manifest's modification time
 (a re-scanned run is re-read); a model by spec and device (the dtype is
 always float32 here, see ``load_model``); an attention pattern by model spec,
@@ -18,6 +21,11 @@ from headscope.errors import HeadscopeError
 
 RUNS_DIR_ENV = "HEADSCOPE_RUNS_DIR"
 RUN_KEY, COMPARE_KEY, HEAD_KEY = "run", "compare_run", "head"
+#: the detectors the Sinks page shows; Roles shows every other head detector
+SINK_DETECTORS = (
+    "first_token_sink", "hidden_sink", "massive_activations", "value_drain", "residual_peak",
+    "active_dormant", "massive_intervention", "streaming_window",
+)  # fmt: skip
 
 
 def runs_dir() -> Path:

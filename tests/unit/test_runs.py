@@ -327,3 +327,20 @@ def test_list_runs_sorts_newest_first_and_skips_bad_and_partial(tmp_path):
     assert found[0].prompt_sets == ["random-repeat"]
     assert found[0].path == root / "newest"
     assert list_runs(tmp_path / "nowhere") == []
+
+
+def test_headscope_scan_stays_callable_after_the_submodule_is_imported():
+    """Importing headscope.scan (as the CLI does) binds the module to the name."""
+    import headscope
+    import headscope.scan as scan_module
+
+    assert callable(headscope.scan) and callable(scan_module)
+    result = headscope.scan(
+        "tiny:llama", prompts="prose", detectors="first_token_sink", n_prompts=2,
+        on_progress=False,
+    )  # fmt: skip
+    again = headscope.scan(
+        "tiny:llama", prompts="prose", detectors="first_token_sink", n_prompts=2,
+        on_progress=False,
+    )  # fmt: skip
+    assert type(result).__name__ == type(again).__name__ == "ScanResult"

@@ -37,8 +37,11 @@ if kind == "head ablation":
         "note": "preview: `headscope export ablation` adds the reference outputs "
         "(mean/resample) and the model's shape",
     }  # fmt: skip
-    command = f"headscope export ablation {','.join(heads) or 'L0H0'} --model {spec} " + (
+    command = (
+        f"headscope export ablation {','.join(heads)} --model {spec} "
         f"--method {method} --out exports/ablation"
+        if heads
+        else "# choose at least one head above"
     )
     name = "ablation.json"
 else:

@@ -34,7 +34,10 @@ st.header("Heads")
 st.caption("Click a head to open it on the Head page.")
 for i, table in enumerate(head_tables):
     event = st.plotly_chart(
-        head_heatmap(table), key=f"heat_{i}", on_select="rerun", selection_mode="points"
+        head_heatmap(table, clickable=True),
+        key=f"heat_{i}",
+        on_select="rerun",
+        selection_mode="points",
     )
     points = (event or {}).get("selection", {}).get("points", [])
     if points:

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from headscope.dashboard.data import current_run
-from headscope.dashboard.views.sinks import SINK_DETECTORS
+from headscope.dashboard.data import SINK_DETECTORS, current_run
 from headscope.plots import figures_for
 
 run = current_run()

@@ -6,14 +6,9 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from headscope.dashboard.data import current_run
+from headscope.dashboard.data import SINK_DETECTORS, current_run
 from headscope.plots import figures_for
 from headscope.report import sink_summary
-
-SINK_DETECTORS = (
-    "first_token_sink", "hidden_sink", "massive_activations", "value_drain", "residual_peak",
-    "active_dormant", "massive_intervention", "streaming_window",
-)  # fmt: skip
 
 run = current_run()
 st.title("Attention sinks")
