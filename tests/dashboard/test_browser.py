@@ -463,3 +463,24 @@ def test_every_page_on_the_run_picked_in_the_sidebar(chromium_browser, dashboard
     finally:
         tab.close()
     assert not problems, "\n".join(problems)
+
+
+def test_the_html_report_opens_with_every_figure_drawn(chromium_browser, runs_folder, screenshots):
+    """`headscope report RUN --html`: a file:// page, offline, every plotly figure drawn."""
+    from headscope.html_report import write_html_report
+
+    report = write_html_report(runs_folder / "tiny", runs_folder.parent / "report.html")
+    expected = report.read_text().count("Plotly.newPlot")
+    tab = Tab(chromium_browser)
+    try:
+        tab.page.goto(report.as_uri(), wait_until="load")
+        tab.page.wait_for_function(
+            f"() => document.querySelectorAll('.js-plotly-plot .main-svg').length >= {expected}",
+            timeout=30_000,
+        )
+        drawn = tab.page.evaluate("() => document.querySelectorAll('.js-plotly-plot').length")
+        tab.page.screenshot(path=str(screenshots / "html-report.png"), full_page=True)
+        assert expected > 5 and drawn == expected
+        assert not tab.console, tab.console
+    finally:
+        tab.context.close()
