@@ -166,13 +166,7 @@ def scan(
         model if isinstance(model, ModelHandle) else load_model(config.model, device=config.device)
     )
     timing: dict[str, float] = {"model_load_s": round(handle.load_seconds, 3)}
-    tokenized = {
-        ps.name: ps.tokenize(
-            handle.tokenizer,
-            bos_token_id=handle.arch.bos_token_id if handle.arch.prepend_bos else None,
-        )
-        for ps in prompt_sets
-    }
+    tokenized = {ps.name: handle.tokenize(ps) for ps in prompt_sets}
     captures = {d.capture for d in detectors}
     if "tables" in captures:  # head families cluster on the streaming statistics too
         captures.add("streaming")

@@ -27,7 +27,6 @@ in the table's summary.
 
 from __future__ import annotations
 
-import inspect
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -36,7 +35,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from headscope.analyses.redundancy import calibration_prompts, redundancy_order
+from headscope.analyses.redundancy import one_shot_orders, redundancy_order
+from headscope.analyses.registry import keyword_defaults
 from headscope.analyses.tables import LayerTable
 from headscope.errors import HeadscopeError, NotApplicable
 from headscope.probes.layer_similarity import measure_layer_similarity
@@ -178,8 +178,8 @@ def run_drop_simulation(
             f"cannot drop {max_attention} attention layers / {max_block} blocks "
             f"of a {n_layers}-layer model"
         )
-    calibration_set = calibration_prompts(handle, calibration, calibration_prompts_n)
-    evaluation = calibration_prompts(handle, held_out, held_out_prompts)
+    calibration_set = handle.tokenize(calibration, calibration_prompts_n)
+    evaluation = handle.tokenize(held_out, held_out_prompts)
     n_evaluations = (
         1 + 2 * n_layers  # baseline, single drops
         + (len(drop_steps(max_attention, n_points)) - 1) * (3 + n_random)
@@ -193,15 +193,16 @@ def run_drop_simulation(
         for module, n in (("attn", max_attention), ("block", max_block))
     }
     progress(max_attention + max_block)
+    one_shot = one_shot_orders(similarity)
     orders = {
         "attention": {
-            "similarity": redundancy_order(similarity.attention),
+            "similarity": one_shot["attention"]["similarity"],
             "similarity_iterative": iterative["attn"],
-            "block_influence": redundancy_order(similarity.block_influence, highest_first=False),
+            "block_influence": one_shot["attention"]["block_influence"],
         },
-        "block": {
+        "block": {  # the one-shot block Sim order is the BI order: stored once
             "similarity_iterative": iterative["block"],
-            "block_influence": redundancy_order(similarity.block_influence, highest_first=False),
+            "block_influence": one_shot["block"]["block_influence"],
         },
     }
     generator = random.Random(seed)
@@ -288,8 +289,4 @@ def run_drop_simulation(
     )
 
 
-DROP_SIMULATION_DEFAULTS = {
-    name: p.default
-    for name, p in inspect.signature(run_drop_simulation).parameters.items()
-    if p.kind is p.KEYWORD_ONLY and name not in ("stats_by_set", "batch_size", "on_batch")
-}
+DROP_SIMULATION_DEFAULTS = keyword_defaults(run_drop_simulation)

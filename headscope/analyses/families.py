@@ -41,7 +41,6 @@ positive, or t-SNE seeded) goes in the evidence for plots.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -50,6 +49,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from headscope.analyses.registry import keyword_defaults
 from headscope.analyses.tables import HeadTable
 from headscope.errors import HeadscopeError
 
@@ -319,8 +319,4 @@ def detect_head_families(
 
 
 #: detect_head_families's parameters and defaults (from its signature, so they cannot drift)
-FAMILIES_DEFAULTS: dict[str, Any] = {
-    name: parameter.default
-    for name, parameter in inspect.signature(detect_head_families).parameters.items()
-    if parameter.kind is inspect.Parameter.KEYWORD_ONLY
-}
+FAMILIES_DEFAULTS: dict[str, Any] = keyword_defaults(detect_head_families)

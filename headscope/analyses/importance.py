@@ -39,13 +39,12 @@ from scipy.stats import rankdata
 from torch import Tensor
 
 from headscope.analyses.tables import HeadTable
-from headscope.data import get_prompt_set
 from headscope.data.prompt_sets import TokenizedPrompts
 from headscope.errors import HeadscopeError, NotApplicable
 from headscope.probes.ablation import Ablation, head_key, mean_ablation
 from headscope.probes.models import ModelHandle
 from headscope.probes.sites import block_sites
-from headscope.probes.streaming import _padded_batches, pad_id_of
+from headscope.probes.streaming import pad_id_of, padded_batches
 
 #: (tokens [batch, T] right-padded, lengths [batch])
 Batch = tuple[Tensor, Tensor]
@@ -81,9 +80,7 @@ def _batches(handle: ModelHandle, prompts: TokenizedPrompts, batch_size: int) ->
             "they have no next token to predict"
         )
     pad_id = pad_id_of(handle)
-    return [
-        (tokens, lengths) for _, tokens, lengths in _padded_batches(prompts, batch_size, pad_id)
-    ]
+    return [(tokens, lengths) for _, tokens, lengths in padded_batches(prompts, batch_size, pad_id)]
 
 
 def _prompt_losses(handle: ModelHandle, tokens: Tensor, lengths: Tensor) -> Float[Tensor, " batch"]:
@@ -247,11 +244,10 @@ def _evaluation_prompts(
     handle: ModelHandle, prompt_set: str, n_prompts: int, reference_set: str, reference_prompts: int
 ) -> tuple[TokenizedPrompts, int]:
     """``n_prompts`` of ``prompt_set``, after the reference prompts when the sets coincide."""
-    bos = handle.arch.bos_token_id if handle.arch.prepend_bos else None
-    evaluated = get_prompt_set(prompt_set).tokenize(handle.tokenizer, bos_token_id=bos)
+    evaluated = handle.tokenize(prompt_set)
     reference = evaluated
     if reference_set != prompt_set:
-        reference = get_prompt_set(reference_set).tokenize(handle.tokenizer, bos_token_id=bos)
+        reference = handle.tokenize(reference_set)
     if len(reference) < reference_prompts:
         raise HeadscopeError(
             f"reference set '{reference_set}' has {len(reference)} prompts, fewer than "

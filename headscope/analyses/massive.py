@@ -32,7 +32,6 @@ import torch
 from torch import Tensor
 
 from headscope.analyses.tables import LayerTable
-from headscope.data import get_prompt_set
 from headscope.errors import HeadscopeError, NotApplicable
 from headscope.probes.models import ModelHandle
 from headscope.probes.perplexity import measure_perplexity
@@ -159,10 +158,9 @@ def run_massive_intervention(
     """Held-out perplexity: untouched, massive entries set to their mean, set to zero."""
     if not handle.arch.causal:
         raise NotApplicable(f"{handle.spec} is not a causal language model; it has no perplexity")
-    bos = handle.arch.bos_token_id if handle.arch.prepend_bos else None
     stats = (stats_by_set or {}).get(detect_on)
     if stats is None:
-        prompts = get_prompt_set(detect_on).tokenize(handle.tokenizer, bos_token_id=bos)
+        prompts = handle.tokenize(detect_on)
         stats = probe_streaming(handle, prompts, batch_size=batch_size)
     detection = detect_massive_activations(
         stats, magnitude=magnitude, ratio=ratio, min_fraction=min_fraction
@@ -177,7 +175,7 @@ def run_massive_intervention(
     massive = massive_mask(stats, magnitude=magnitude, ratio=ratio)
     dims = [d for d, _ in detection.frame["evidence"][layer]["dims"]]
     means = _mean_values(stats, layer, dims, massive)
-    held_out = get_prompt_set(evaluate_on).tokenize(handle.tokenizer, bos_token_id=bos)
+    held_out = handle.tokenize(evaluate_on)
     perplexities, edited, n_tokens = {}, {}, 0
     for name, replacement in (("original", None), ("mean", means), ("zero", None)):
         counter = {"entries": 0}

@@ -27,7 +27,6 @@ Drop simulation, the expensive part (one held-out perplexity per point), is in
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -36,6 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from headscope.analyses.registry import keyword_defaults
 from headscope.analyses.tables import LayerTable
 from headscope.probes.layer_similarity import LayerSimilarity, measure_layer_similarity
 from headscope.probes.models import ModelHandle
@@ -198,7 +198,7 @@ def detect_layer_redundancy(
     cosines); it is accepted because every model experiment receives it.
     """
     del stats_by_set
-    prompts = calibration_prompts(handle, prompt_set, n_prompts)
+    prompts = handle.tokenize(prompt_set, n_prompts)
     similarity = measure_layer_similarity(
         handle, prompts, batch_size=batch_size, attention_maps=attention_maps, on_batch=on_batch
     )
@@ -206,17 +206,21 @@ def detect_layer_redundancy(
     return redundancy_tables(similarity, flag_fraction=flag_fraction, params=params)
 
 
-def calibration_prompts(handle: ModelHandle, prompt_set: str, n_prompts: int | None):
-    """``prompt_set`` tokenized for ``handle``, its first ``n_prompts`` prompts."""
-    from headscope.data import get_prompt_set
+def one_shot_orders(similarity: LayerSimilarity) -> dict[str, dict[str, list[int]]]:
+    """Drop orders, most redundant first: {"attention" | "block": {order name: layers}}.
 
-    bos = handle.arch.bos_token_id if handle.arch.prepend_bos else None
-    prompts = get_prompt_set(prompt_set).tokenize(handle.tokenizer, bos_token_id=bos)
-    return prompts.first(n_prompts)
+    "similarity" is LLM-Drop's Sim of the module itself; "block_influence" is
+    ShortGPT's BI order, applied to attention too (drop the attention of the
+    lowest-influence blocks). For blocks the two coincide by definition.
+    """
+    bi_order = redundancy_order(similarity.block_influence, highest_first=False)
+    return {
+        "attention": {
+            "similarity": redundancy_order(similarity.attention),
+            "block_influence": bi_order,
+        },
+        "block": {"similarity": redundancy_order(similarity.block), "block_influence": bi_order},
+    }
 
 
-REDUNDANCY_DEFAULTS = {
-    name: p.default
-    for name, p in inspect.signature(detect_layer_redundancy).parameters.items()
-    if p.kind is p.KEYWORD_ONLY and name not in ("stats_by_set", "batch_size", "on_batch")
-}
+REDUNDANCY_DEFAULTS = keyword_defaults(detect_layer_redundancy)

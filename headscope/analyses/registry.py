@@ -8,6 +8,7 @@ building a function name from a string.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -112,6 +113,20 @@ class Detector:
 
 
 CAPTURES = ("streaming", "patterns", "model", "tables")
+#: what a scan passes to every model experiment; not a parameter of the detector
+EXPERIMENT_ARGUMENTS = ("stats_by_set", "batch_size", "on_batch")
+
+
+def keyword_defaults(function: Callable[..., Any]) -> dict[str, Any]:
+    """A detector's ``defaults``: its keyword-only parameters and their defaults, less
+    what the scan passes to every experiment."""
+    return {
+        name: parameter.default
+        for name, parameter in inspect.signature(function).parameters.items()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name not in EXPERIMENT_ARGUMENTS
+    }
+
+
 _REGISTRY: dict[str, Detector] = {}
 
 

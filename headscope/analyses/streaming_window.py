@@ -74,9 +74,7 @@ def run_streaming_window(
         window = max(length // 8, n_sink_tokens + 1)
     if length < 4 * window:
         raise HeadscopeError(f"a {length}-token text is too short for window attention tests")
-    prompts = texts.tokenize(
-        handle.tokenizer, bos_token_id=arch.bos_token_id if arch.prepend_bos else None
-    )
+    prompts = handle.tokenize(texts)
     runs = {
         "full": dict(window=None),
         "window_0_sinks": dict(window=window, keep_first=0),

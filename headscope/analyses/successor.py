@@ -28,7 +28,6 @@ it writes, not where it attends, so it is read off the weights, then checked beh
 from __future__ import annotations
 
 import contextlib
-import inspect
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from headscope.analyses.registry import keyword_defaults
 from headscope.analyses.tables import HeadTable
 from headscope.data.prompt_sets import _encode
 from headscope.errors import HeadscopeError, NotApplicable
@@ -601,9 +601,4 @@ def detect_successor_heads(
 
 
 #: detect_successor_heads's parameters and defaults (from its signature, so they cannot drift)
-SUCCESSOR_DEFAULTS: dict[str, Any] = {
-    name: parameter.default
-    for name, parameter in inspect.signature(detect_successor_heads).parameters.items()
-    if parameter.kind is inspect.Parameter.KEYWORD_ONLY
-    and name not in ("stats_by_set", "batch_size", "on_batch")
-}
+SUCCESSOR_DEFAULTS: dict[str, Any] = keyword_defaults(detect_successor_heads)

@@ -62,9 +62,7 @@ def child(mode: str, length: int, model: str, repeats: int) -> dict:
     from headscope.probes.streaming import probe_streaming
 
     handle = load_model(model)
-    prompts = get_prompt_set("prose", n_prompts=1, seq_len=length).tokenize(
-        handle.tokenizer, bos_token_id=handle.arch.bos_token_id
-    )
+    prompts = handle.tokenize(get_prompt_set("prose", n_prompts=1, seq_len=length))
     tokens = prompts.tokens[0][None]
 
     def run() -> None:

@@ -155,7 +155,6 @@ def export_pruned(
     ``eval_prompts`` prompts of ``eval_prompt_set`` (None: not measured).
     """
     import headscope
-    from headscope.analyses.redundancy import calibration_prompts
     from headscope.probes.perplexity import plain_perplexity
     from headscope.probes.streaming import pad_id_of
 
@@ -165,7 +164,7 @@ def export_pruned(
     model = pruned_model(handle, plan)
     perplexity = None
     if eval_prompt_set is not None and handle.arch.causal:
-        prompts = calibration_prompts(handle, eval_prompt_set, eval_prompts)
+        prompts = handle.tokenize(eval_prompt_set, eval_prompts)
         pad = pad_id_of(handle)
         before = plain_perplexity(handle.model, prompts, pad_id=pad, batch_size=batch_size)
         after = plain_perplexity(model, prompts, pad_id=pad, batch_size=batch_size)
@@ -233,19 +232,11 @@ def measured_orders(
     batch_size: int = 8,
 ) -> dict[str, dict[str, list[int]]]:
     """One-shot drop orders measured now on ``calibration`` (most redundant first)."""
-    from headscope.analyses.redundancy import calibration_prompts, redundancy_order
+    from headscope.analyses.redundancy import one_shot_orders
     from headscope.probes.layer_similarity import measure_layer_similarity
 
-    prompts = calibration_prompts(handle, calibration, n_prompts)
-    similarity = measure_layer_similarity(handle, prompts, batch_size=batch_size)
-    bi_order = redundancy_order(similarity.block_influence, highest_first=False)
-    return {
-        "attention": {
-            "similarity": redundancy_order(similarity.attention),
-            "block_influence": bi_order,
-        },
-        "block": {"similarity": redundancy_order(similarity.block), "block_influence": bi_order},
-    }
+    prompts = handle.tokenize(calibration, n_prompts)
+    return one_shot_orders(measure_layer_similarity(handle, prompts, batch_size=batch_size))
 
 
 def choose_plan(
@@ -268,7 +259,6 @@ def choose_plan(
     they are measured now on ``calibration``.
     """
     from headscope.analyses.drop_simulation import iterative_order
-    from headscope.analyses.redundancy import calibration_prompts as tokenized
 
     if order not in ORDERS:
         raise HeadscopeError(f"unknown order '{order}'; choose one of {', '.join(ORDERS)}")
@@ -285,7 +275,7 @@ def choose_plan(
         if order == "iterative":
             if run_orders is not None:
                 raise HeadscopeError("the iterative order is measured here, not read from a run")
-            prompts = tokenized(handle, calibration, calibration_prompts)
+            prompts = handle.tokenize(calibration, calibration_prompts)
             chosen_blocks = (
                 iterative_order(handle, prompts, "block", n_blocks, batch_size=batch_size,
                                 removed_blocks=blocks)

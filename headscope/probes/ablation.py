@@ -383,13 +383,10 @@ def capture_head_outputs(handle: ModelHandle, layers: Sequence[int]) -> Iterator
 
 
 def _prompt_batches(handle: ModelHandle, prompt_set: str, n_prompts: int | None, batch_size: int):
-    from headscope.data import get_prompt_set
-    from headscope.probes.streaming import _padded_batches, pad_id_of
+    from headscope.probes.streaming import pad_id_of, padded_batches
 
-    bos = handle.arch.bos_token_id if handle.arch.prepend_bos else None
-    prompts = get_prompt_set(prompt_set).tokenize(handle.tokenizer, bos_token_id=bos)
-    prompts = prompts.first(n_prompts)
-    return prompts, _padded_batches(prompts, batch_size, pad_id_of(handle))
+    prompts = handle.tokenize(prompt_set, n_prompts)
+    return prompts, padded_batches(prompts, batch_size, pad_id_of(handle))
 
 
 def _forward(handle: ModelHandle, tokens: Tensor, lengths: Tensor) -> None:

@@ -176,9 +176,9 @@ def measure_layer_similarity(
     """
     from headscope.probes.ablation import Ablation
     from headscope.probes.streaming import (
-        _padded_batches,
         forward_batch,
         pad_id_of,
+        padded_batches,
         streaming_attention,
     )
 
@@ -199,7 +199,7 @@ def measure_layer_similarity(
         stack.enter_context(_similarity_hooks(sites, sums))
         if maps is not None:
             stack.enter_context(streaming_attention(handle))
-        for _indices, tokens, lengths in _padded_batches(prompts, batch_size, pad_id):
+        for _indices, tokens, lengths in padded_batches(prompts, batch_size, pad_id):
             valid = torch.arange(tokens.shape[1])[None] < lengths[:, None]
             sums.start_batch(valid.to(handle.device))
             if maps is not None:

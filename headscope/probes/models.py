@@ -118,6 +118,16 @@ class ModelHandle:
             )
         return self._bridge
 
+    def tokenize(self, prompt_set: Any, n_prompts: int | None = None):
+        """A prompt set (a name or a PromptSet) as this model's tokens, its first
+        ``n_prompts`` prompts (all for None), with BOS prepended when the model wants it."""
+        from headscope.data import get_prompt_set
+
+        if isinstance(prompt_set, str):
+            prompt_set = get_prompt_set(prompt_set)
+        bos = self.arch.bos_token_id if self.arch.prepend_bos else None
+        return prompt_set.tokenize(self.tokenizer, bos_token_id=bos).first(n_prompts)
+
     def ablated(self, ablation, *, bridge: bool | None = None):
         """Context manager: this model ablated inside (see ``headscope.probes.ablation``)."""
         from headscope.probes.ablation import ablate

@@ -34,9 +34,9 @@ from headscope.probes.sites import block_list
 from headscope.probes.streaming import (
     StreamingStatistics,
     _Accumulator,
-    _padded_batches,
     forward_batch,
     pad_id_of,
+    padded_batches,
     streaming_attention,
     token_texts,
 )
@@ -113,7 +113,7 @@ def measure_perplexity(
     accumulator = _Accumulator(handle, 1) if collect_statistics else None
     current: dict[str, Tensor] = {}
     with streaming_attention(handle), _edited_block(handle, edit_block, lambda: current["lengths"]):
-        for indices, tokens, lengths in _padded_batches(prompts, batch_size, pad_id_of(handle)):
+        for indices, tokens, lengths in padded_batches(prompts, batch_size, pad_id_of(handle)):
             current["lengths"] = lengths
             if accumulator is not None:
                 accumulator.start_batch(indices, tokens, lengths)
@@ -150,7 +150,7 @@ def plain_perplexity(
     length = max(prompts.lengths)
     nll = torch.zeros(length, dtype=torch.float64)
     count = torch.zeros(length, dtype=torch.float64)
-    for indices, tokens, lengths in _padded_batches(prompts, batch_size, pad_id):
+    for indices, tokens, lengths in padded_batches(prompts, batch_size, pad_id):
         mask = (torch.arange(tokens.shape[1])[None] < lengths[:, None]).long()
         with torch.inference_mode():
             logits = model(

@@ -406,7 +406,7 @@ class _Accumulator:
         )
 
 
-def _padded_batches(
+def padded_batches(
     prompts, batch_size: int, pad_id: int
 ) -> Iterator[tuple[list[int], Tensor, Tensor]]:
     """Batches of prompts sorted by length, right-padded: (indices, tokens, lengths)."""
@@ -516,7 +516,7 @@ def probe_streaming(
     """
     accumulator = _Accumulator(handle, n_sink_keys)
     with streaming_attention(handle):
-        for indices, tokens, lengths in _padded_batches(prompts, batch_size, pad_id_of(handle)):
+        for indices, tokens, lengths in padded_batches(prompts, batch_size, pad_id_of(handle)):
             accumulator.start_batch(indices, tokens, lengths)
             forward_batch(handle, tokens, lengths, accumulator=accumulator)
             accumulator.end_batch()

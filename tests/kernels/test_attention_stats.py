@@ -8,7 +8,6 @@ fixed seed (derandomize) so CI sees the same examples every run.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import subprocess
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from triton_support import HAS_TRITON, IMPLEMENTATIONS, TRITON_DEVICE, needs_triton
 
 from headscope.kernels.attention_stats import (
     AttentionStats,
@@ -29,14 +29,6 @@ from headscope.kernels.attention_stats import (
     reference_attention_stats,
     visibility,
 )
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on")
-TRITON_DEVICE = "cpu" if INTERPRETING else ("cuda" if torch.cuda.is_available() else None)
-needs_triton = pytest.mark.skipif(
-    not HAS_TRITON or TRITON_DEVICE is None, reason="Triton needs CUDA or TRITON_INTERPRET=1"
-)
-IMPLEMENTATIONS = ["chunked", pytest.param("triton", marks=needs_triton)]
 
 # Every implementation computes in float32 from the very input values the reference
 # upcasts to float64 (fp16/bf16 inputs are cast once and shared), so the input dtype

@@ -8,15 +8,14 @@ drawn by hypothesis with a fixed seed (derandomize), so every run sees the same 
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 from dataclasses import dataclass
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from triton_support import IMPLEMENTATIONS, TRITON_DEVICE, needs_triton
 
 import headscope.kernels.cross_layer as cross_layer
 from headscope.kernels.cross_layer import (
@@ -27,14 +26,6 @@ from headscope.kernels.cross_layer import (
     reference_cross_layer_similarity,
     similarity_from_patterns,
 )
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on")
-TRITON_DEVICE = "cpu" if INTERPRETING else ("cuda" if torch.cuda.is_available() else None)
-needs_triton = pytest.mark.skipif(
-    not HAS_TRITON or TRITON_DEVICE is None, reason="Triton needs CUDA or TRITON_INTERPRET=1"
-)
-IMPLEMENTATIONS = ["chunked", pytest.param("triton", marks=needs_triton)]
 
 # Both implementations compute in float32 from the very input values the reference
 # upcasts to float64 (fp16/bf16 inputs are cast once and shared), so what is left is

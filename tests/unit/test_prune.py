@@ -17,7 +17,6 @@ from planting import plant_identity_block
 from transformers import AutoModelForCausalLM
 
 from headscope.analyses.drop_simulation import drop_steps, iterative_order, run_drop_simulation
-from headscope.analyses.redundancy import calibration_prompts
 from headscope.errors import HeadscopeError
 from headscope.exporters.prune import (
     PRUNE_FILE,
@@ -152,7 +151,7 @@ def test_drop_steps_are_evenly_spaced_and_unique():
 def test_iterative_order_drops_the_planted_identity_first():
     handle = load_model("tiny:llama:4")
     plant_identity_block(handle, 1)
-    prompts = calibration_prompts(handle, "prose", 4)
+    prompts = handle.tokenize("prose", 4)
     order = iterative_order(handle, prompts, "attn", 3, batch_size=4)
     assert order[0] == 1 and len(set(order)) == 3
 

@@ -17,7 +17,6 @@ from planting import plant_identity_block
 
 from headscope.analyses.redundancy import (
     REDUNDANCY_TABLES,
-    calibration_prompts,
     detect_layer_redundancy,
     redundancy_order,
 )
@@ -29,7 +28,7 @@ ARCHS = ["llama", "gemma3", "gpt2"]
 
 
 def _prompts(handle, n=6):
-    return calibration_prompts(handle, "prose", n)
+    return handle.tokenize("prose", n)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
