@@ -39,7 +39,7 @@ from headscope.analyses.redundancy import one_shot_orders, redundancy_order
 from headscope.analyses.registry import keyword_defaults
 from headscope.analyses.tables import LayerTable
 from headscope.errors import HeadscopeError, NotApplicable
-from headscope.probes.layer_similarity import measure_layer_similarity
+from headscope.probes.layer_similarity import LayerSimilarity, measure_layer_similarity
 from headscope.probes.models import ModelHandle
 
 KINDS = {"attention": "attn", "block": "block"}  # curve kind -> ablation skip module
@@ -92,18 +92,26 @@ def iterative_order(
     *,
     batch_size: int,
     removed_blocks: Sequence[int] = (),
+    unpruned: LayerSimilarity | None = None,
 ) -> list[int]:
     """LLM-Drop's iterative dropping: re-measure Sim after each drop, drop the highest.
 
     ``removed_blocks`` are skipped throughout and never chosen (attention
     layers to drop from a model whose blocks are being dropped too).
+    ``unpruned``: the measurement of the whole model on ``calibration``, if the
+    caller has it, so the first round is not measured again.
     """
     field = "attention" if module == "attn" else "block"
     removed = [("block", i) for i in removed_blocks]
     dropped: list[int] = []
     for _ in range(n_drops):
         skip = removed + [(module, i) for i in dropped]
-        similarity = measure_layer_similarity(handle, calibration, batch_size=batch_size, skip=skip)
+        if not skip and unpruned is not None:
+            similarity = unpruned
+        else:
+            similarity = measure_layer_similarity(
+                handle, calibration, batch_size=batch_size, skip=skip
+            )
         order = redundancy_order(getattr(similarity, field))
         taken = set(dropped) | set(removed_blocks)
         dropped.append(next(layer for layer in order if layer not in taken))
@@ -189,7 +197,9 @@ def run_drop_simulation(
     held = _HeldOut(handle, evaluation, batch_size, progress)
     similarity = measure_layer_similarity(handle, calibration_set, batch_size=batch_size)
     iterative = {
-        module: iterative_order(handle, calibration_set, module, n, batch_size=batch_size)
+        module: iterative_order(
+            handle, calibration_set, module, n, batch_size=batch_size, unpruned=similarity
+        )
         for module, n in (("attn", max_attention), ("block", max_block))
     }
     progress(max_attention + max_block)

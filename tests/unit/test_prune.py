@@ -25,6 +25,7 @@ from headscope.exporters.prune import (
     export_pruned,
     orders_from_run,
 )
+from headscope.probes.layer_similarity import measure_layer_similarity
 from headscope.probes.models import load_model
 
 LOGIT_ATOL = 1e-4
@@ -154,6 +155,8 @@ def test_iterative_order_drops_the_planted_identity_first():
     prompts = handle.tokenize("prose", 4)
     order = iterative_order(handle, prompts, "attn", 3, batch_size=4)
     assert order[0] == 1 and len(set(order)) == 3
+    unpruned = measure_layer_similarity(handle, prompts, batch_size=4)
+    assert iterative_order(handle, prompts, "attn", 3, batch_size=4, unpruned=unpruned) == order
 
 
 def test_drop_simulation_curves_and_single_drop_costs():
