@@ -19,13 +19,12 @@ no half run behind, and ``--force`` only ever replaces a folder that is a run.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import importlib.metadata
 import json
 import os
 import platform
-import secrets
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -45,8 +44,10 @@ from headscope.analyses.tables import (
     evidence_to_json,
 )
 from headscope.errors import HeadscopeError
+from headscope.outputs import FolderKind, OutputFolder, check_output_folder, versioned_format
 
 SCHEMA_VERSION = 1
+RUN_FORMAT = "headscope-run"
 
 MANIFEST_FILE = "manifest.json"
 HEADS_FILE = "heads.parquet"
@@ -81,29 +82,40 @@ def _is_run(path: Path) -> bool:
     return path.is_dir() and (path / MANIFEST_FILE).is_file()
 
 
-def check_output_path(out: Path | str, *, force: bool) -> Path:
-    """Refuse an output folder we must not write to; call it before expensive work.
+def _is_run_manifest(manifest: Mapping[str, Any]) -> bool:
+    """A manifest this headscope wrote: its format name and a schema version it reads.
 
-    An existing run is replaced only with ``force``; anything else that exists
-    (a file, a non-empty folder without manifest.json) is refused even with
-    ``force``, because headscope never deletes something that is not a run.
+    Runs written before the format name existed are recognised by the fields
+    every schema-1 manifest has.
     """
-    given = Path(out)
-    path = given.expanduser().resolve()
-    if not path.exists():
-        return path
-    is_empty_dir = path.is_dir() and not any(path.iterdir())
-    if not _is_run(path) and not is_empty_dir:
-        raise HeadscopeError(
-            f"output {given} already exists and is not a headscope run (no {MANIFEST_FILE}); "
-            "headscope never deletes it, not even with --force: choose another --out"
+    if "format" in manifest:
+        return versioned_format(RUN_FORMAT, SCHEMA_VERSION, version_field="schema_version")(
+            manifest
         )
-    if not force:
-        raise HeadscopeError(
-            f"output folder {given} already exists; pass --force to replace it "
-            "or choose another --out"
-        )
-    return path
+    versions = manifest.get("versions")
+    return (
+        manifest.get("schema_version") == 1
+        and isinstance(versions, dict)
+        and "headscope" in versions
+        and isinstance(manifest.get("tables"), list)
+    )
+
+
+RUN_FOLDER = FolderKind(
+    name="headscope run",
+    marker=MANIFEST_FILE,
+    recognise=_is_run_manifest,
+    entries=frozenset({MANIFEST_FILE, HEADS_FILE, LAYERS_FILE, STATS_FILE, SAMPLES_DIR}),
+)
+
+
+def check_output_path(out: Path | str, *, force: bool) -> Path:
+    """Refuse an output folder a run must not be written to; call it before expensive work.
+
+    See ``headscope.outputs``: an existing run is replaced only with ``force``;
+    anything else that exists is refused even with ``force``.
+    """
+    return check_output_folder(out, RUN_FOLDER, force=force)
 
 
 def _json_default(value: Any) -> Any:
@@ -163,7 +175,7 @@ def _check_sample_name(name: str) -> None:
 
 
 def write_run(
-    out: Path | str,
+    out: Path | str | OutputFolder,
     *,
     manifest: Mapping[str, Any],
     head_tables: Sequence[HeadTable] = (),
@@ -174,62 +186,48 @@ def write_run(
 ) -> Path:
     """Write a run folder atomically and return its path.
 
-    Everything goes into a hidden sibling ``.<name>.partial-<random>`` that is
-    renamed to ``out`` at the end; on any failure (or Ctrl-C) it is removed and
-    nothing appears at ``out``. With ``force`` an existing run at ``out`` is
-    moved aside, replaced, then deleted.
+    ``out`` is a path, or an ``OutputFolder`` the caller claimed before its
+    long work (as ``scan`` does). Everything goes into a hidden sibling that
+    becomes ``out`` only when complete; on any failure (or Ctrl-C) it is
+    removed, and an existing run at ``out`` (replaced only with ``force``) is
+    untouched until the new one is complete.
     """
-    out = check_output_path(out, force=force)
     full_manifest = {
         "schema_version": SCHEMA_VERSION,
         "created": datetime.now(UTC).isoformat(),
         "versions": library_versions(),
         **manifest,
     }
+    full_manifest["format"] = RUN_FORMAT
     full_manifest["schema_version"] = SCHEMA_VERSION
     full_manifest["tables"] = _table_entries(head_tables, "head") + _table_entries(
         layer_tables, "layer"
     )
     manifest_text = json.dumps(full_manifest, indent=2, default=_json_default)
+    for name in samples or {}:
+        _check_sample_name(name)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
-    partial.mkdir()
-    try:
-        if head_tables:
-            _write_tables(head_tables, partial / HEADS_FILE)
-        if layer_tables:
-            _write_tables(layer_tables, partial / LAYERS_FILE)
-        if tensors:
-            safetensors.torch.save_file(_cpu_tensors(tensors, "tensor"), partial / STATS_FILE)
-        if samples:
-            (partial / SAMPLES_DIR).mkdir()
-            for name, sample in samples.items():
-                _check_sample_name(name)
-                safetensors.torch.save_file(
-                    _cpu_tensors(sample, f"sample {name!r}"),
-                    partial / SAMPLES_DIR / f"{name}.safetensors",
-                )
-        (partial / MANIFEST_FILE).write_text(manifest_text, encoding="utf-8")
-        _move_into_place(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    return out
-
-
-def _move_into_place(partial: Path, out: Path) -> None:
-    if not out.exists():
-        os.rename(partial, out)
-        return
-    old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
-    os.rename(out, old)
-    try:
-        os.rename(partial, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    claimed = out if isinstance(out, OutputFolder) else None
+    with contextlib.ExitStack() as stack:
+        if claimed is None:
+            claimed = stack.enter_context(OutputFolder(out, RUN_FOLDER, force=force))
+        with claimed.writing() as partial:
+            if head_tables:
+                _write_tables(head_tables, partial / HEADS_FILE)
+            if layer_tables:
+                _write_tables(layer_tables, partial / LAYERS_FILE)
+            if tensors:
+                safetensors.torch.save_file(_cpu_tensors(tensors, "tensor"), partial / STATS_FILE)
+            if samples:
+                (partial / SAMPLES_DIR).mkdir()
+                for name, sample in samples.items():
+                    safetensors.torch.save_file(
+                        _cpu_tensors(sample, f"sample {name!r}"),
+                        partial / SAMPLES_DIR / f"{name}.safetensors",
+                    )
+            # the manifest last: a folder without it is never taken for a run
+            (partial / MANIFEST_FILE).write_text(manifest_text, encoding="utf-8")
+    return claimed.path
 
 
 def _one_line(err: BaseException) -> str:

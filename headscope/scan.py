@@ -12,17 +12,27 @@ import sys
 import time
 import types
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from headscope.analyses import HeadTable, LayerTable, resolve_detectors
 from headscope.analyses.registry import Detector
-from headscope.data import get_prompt_set
+from headscope.checks import (
+    check_batch_size,
+    check_count,
+    check_device,
+    check_pattern_memory,
+    check_sequence_length,
+)
+from headscope.data import PromptSet, get_prompt_set
 from headscope.errors import HeadscopeError, NotApplicable
+from headscope.outputs import OutputFolder
 from headscope.probes.models import DEFAULT_MODEL, ModelHandle, load_model
-from headscope.probes.patterns import DEFAULT_SINK_KEYS, probe_patterns
+from headscope.probes.patterns import DEFAULT_SINK_KEYS, pattern_capture_bytes, probe_patterns
 from headscope.probes.streaming import probe_streaming
+from headscope.runs import RUN_FOLDER, write_run
 
 DEFAULT_PROMPT_SETS = ("prose", "code", "random-repeat", "repeated-token")
 
@@ -70,10 +80,13 @@ class ScanConfig:
     device: str = field(default="cpu", metadata={"help": "torch device"})
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise HeadscopeError(f"batch size must be at least 1, got {self.batch_size}")
+        check_batch_size(self.batch_size)
+        check_count(self.n_prompts, "--n-prompts")
+        check_count(self.seq_len, "--seq-len", minimum=2)
+        check_count(self.n_sink_keys, "n_sink_keys")
         if not self.prompts:
             raise HeadscopeError("no prompt set given; e.g. --prompts prose,random-repeat")
+        object.__setattr__(self, "device", check_device(self.device))
 
 
 @dataclass(kw_only=True)
@@ -139,8 +152,6 @@ def scan(
     ``overrides`` are ScanConfig fields (``prompts=("prose",)``, ``detectors=...``).
     ``on_progress``: True for tqdm bars, False/None for silence, or a callback.
     """
-    from headscope.runs import check_output_path, write_run
-
     if isinstance(overrides.get("prompts"), str):
         overrides["prompts"] = tuple(p.strip() for p in overrides["prompts"].split(",") if p)
     if isinstance(overrides.get("detectors"), str):
@@ -151,16 +162,57 @@ def scan(
         overrides["model"] = model.spec
     config = ScanConfig(**{**(asdict(config) if config else {}), **overrides})
     detectors = resolve_detectors(list(config.detectors) if config.detectors else None)
-    prompt_sets = [
-        get_prompt_set(name, n_prompts=config.n_prompts, seq_len=config.seq_len)
-        for name in dict.fromkeys(config.prompts)
-    ]
-    out_path = check_output_path(out, force=force) if out is not None else None
+    prompt_sets = _prompt_sets(config)
     if on_progress is True:
         on_progress = _tqdm_progress()
     elif on_progress is False:
         on_progress = None
+    # claimed before the model loads: a bad or busy --out fails now, not after the scan
+    with OutputFolder(out, RUN_FOLDER, force=force) if out is not None else nullcontext() as folder:
+        return _scan(model, config, detectors, prompt_sets, on_progress, folder)
 
+
+def _prompt_sets(config: ScanConfig) -> list[PromptSet]:
+    """The scan's prompt sets, each under a name no other set of the scan has."""
+    prompt_sets, given_as = [], {}
+    for given in dict.fromkeys(config.prompts):
+        prompt_set = get_prompt_set(given, n_prompts=config.n_prompts, seq_len=config.seq_len)
+        if prompt_set.name in given_as:
+            raise HeadscopeError(
+                f"prompt sets '{given_as[prompt_set.name]}' and '{given}' are both named "
+                f"'{prompt_set.name}', and a run keeps one result per name: rename a file"
+            )
+        if prompt_set.name.startswith(".") or not prompt_set.name.isprintable():
+            raise HeadscopeError(
+                f"prompt set '{given}' is named {prompt_set.name!r}, which cannot name its "
+                "results: rename the file (letters, digits, '-', '_')"
+            )
+        given_as[prompt_set.name] = given
+        prompt_sets.append(prompt_set)
+    return prompt_sets
+
+
+def _check_lengths(handle: ModelHandle, tokenized: dict, captures: set[str]) -> None:
+    """Before any forward pass: prompts fit the model's positions, patterns fit memory."""
+    for name, prompts in tokenized.items():
+        longest = max(prompts.lengths, default=0)
+        check_sequence_length(handle, longest, f"prompt set '{name}'")
+        if "patterns" in captures:
+            check_pattern_memory(
+                pattern_capture_bytes(handle.arch, longest),
+                length=longest,
+                what=f"prompt set '{name}'",
+            )
+
+
+def _scan(
+    model: str | ModelHandle | None,
+    config: ScanConfig,
+    detectors: list[Detector],
+    prompt_sets: list[PromptSet],
+    on_progress: ProgressCallback | None,
+    folder: OutputFolder | None,
+) -> ScanResult:
     started = time.perf_counter()
     handle = (
         model if isinstance(model, ModelHandle) else load_model(config.model, device=config.device)
@@ -170,6 +222,7 @@ def scan(
     captures = {d.capture for d in detectors}
     if "tables" in captures:  # head families cluster on the streaming statistics too
         captures.add("streaming")
+    _check_lengths(handle, tokenized, captures)
     stats: dict[str, dict[str, Any]] = {name: {} for name in tokenized}
     for prompt_set in prompt_sets:
         prompts = tokenized[prompt_set.name]
@@ -223,7 +276,7 @@ def scan(
     result = ScanResult(
         manifest=manifest, head_tables=head_tables, layer_tables=layer_tables, stats=stats
     )
-    if out_path is not None:
+    if folder is not None:
         tensors = {
             f"{name}/{capture}/{key}": value
             for name, by_capture in stats.items()
@@ -236,13 +289,12 @@ def scan(
             if (s := by_capture.get("patterns")) is not None and s.sample_patterns is not None
         }
         result.path = write_run(
-            out_path,
+            folder,
             manifest=manifest,
             head_tables=head_tables,
             layer_tables=layer_tables,
             tensors=tensors,
             samples=samples,
-            force=force,
         )
     return result
 

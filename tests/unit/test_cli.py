@@ -23,7 +23,8 @@ def assert_clean_failure(result, expected):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error:") and expected in lines[0], lines[0]
-    assert "Traceback" not in result.output
+    # an uncaught exception would land here as itself, not as the SystemExit of typer.Exit(1)
+    assert result.exit_code == 1 and type(result.exception) is SystemExit, repr(result.exception)
 
 
 def test_scan_report_and_runs(tmp_path):
@@ -64,7 +65,7 @@ def test_existing_output_is_refused_unless_forced(tmp_path):
     out = tmp_path / "run"
     assert invoke("scan", *FAST, "--prompts", "prose", "--out", out).exit_code == 0
     before = (out / "manifest.json").read_text()
-    assert_clean_failure(invoke("scan", *FAST, "--prompts", "prose", "--out", out), "exists")
+    assert_clean_failure(invoke("scan", *FAST, "--prompts", "prose", "--out", out), "already holds")
     assert (out / "manifest.json").read_text() == before
     forced = invoke("scan", *FAST, "--prompts", "code", "--out", out, "--force")
     assert forced.exit_code == 0, forced.output

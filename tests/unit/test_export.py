@@ -111,8 +111,11 @@ def test_bad_exports_write_nothing(tmp_path):
         export_ablation(handle, Ablation(skip=(("block", 0),)), tmp_path / "b")
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "taken").mkdir()
-    with pytest.raises(HeadscopeError, match="already exists"):
-        export_ablation(handle, Ablation(heads=((0, 0),)), tmp_path / "taken")
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    for force in (False, True):
+        with pytest.raises(HeadscopeError, match="already exists and is not a headscope"):
+            export_ablation(handle, Ablation(heads=((0, 0),)), tmp_path / "taken", force=force)
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]
 
 
 def invoke(*args):
@@ -142,7 +145,9 @@ def test_cli_rejects_bad_heads_before_writing(tmp_path, args, message):
     out = tmp_path / "ablation"
     result = invoke("export", "ablation", *args, "--model", "tiny:llama", "--out", out)
     assert result.exit_code == 1
-    assert message in result.stderr and "Traceback" not in result.output
+    assert type(result.exception) is SystemExit, repr(result.exception)  # not an uncaught error
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], lines
     assert not out.exists()
 
 

@@ -183,7 +183,7 @@ def test_duplicate_tables_are_refused_before_writing(tmp_path):
 
 def test_check_output_path_refuses_existing_run_without_force(tmp_path):
     out = write_small_run(tmp_path / "x")
-    with pytest.raises(HeadscopeError, match="already exists; pass --force") as info:
+    with pytest.raises(HeadscopeError, match="already holds a headscope run; pass --force") as info:
         check_output_path(out, force=False)
     assert str(out) in str(info.value)
     assert check_output_path(out, force=True) == out
@@ -206,19 +206,18 @@ def test_check_output_path_never_allows_replacing_a_non_run(tmp_path):
     assert a_file.read_text() == "precious"
 
 
-def test_empty_folder_needs_force_then_is_used(tmp_path):
+def test_an_empty_folder_is_used_without_force(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(HeadscopeError, match="already exists"):
-        check_output_path(empty, force=False)
-    write_small_run(empty, force=True)
+    assert check_output_path(empty, force=False) == empty.resolve()
+    write_small_run(empty)
     assert open_run(empty).head_table("induction").n_heads == 4
 
 
 def test_force_replaces_an_existing_run(tmp_path):
     out = write_small_run(tmp_path / "x", manifest={"model": {"spec": "old"}})
     (out / "stats.safetensors").write_bytes(b"leftover from the old run")
-    with pytest.raises(HeadscopeError, match="already exists"):
+    with pytest.raises(HeadscopeError, match="already holds a headscope run"):
         write_small_run(out, manifest={"model": {"spec": "new"}})
     write_small_run(
         out,
