@@ -12,10 +12,85 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from headscope.errors import HeadscopeError
+
+
+def _one_line(text: str) -> str:
+    """``text`` as one printable line: control characters escaped, any byte the
+    terminal cannot take (a file name that is not UTF-8) backslash-escaped."""
+    escaped = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return escaped.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    if isinstance(err, MemoryError):
+        return True
+    message = str(err).lower()
+    return isinstance(err, RuntimeError) and (
+        "out of memory" in message or "can't allocate memory" in message
+    )
+
+
+def _user_message(err: BaseException) -> str | None:
+    """The one line a user sees for ``err``; None for a bug (shown as an internal error)."""
+    if isinstance(err, HeadscopeError):
+        return str(err)
+    if isinstance(err, typer.TyperException):  # click's errors: a bad option or argument
+        hint = ""
+        context = getattr(err, "ctx", None)
+        if context is not None:
+            hint = f" (see `{context.command_path} --help`)"
+        return err.format_message() + hint
+    if isinstance(err, OSError):
+        where = f" {err.filename}" if err.filename else ""
+        reason = err.strerror or str(err) or type(err).__name__
+        return (
+            f"cannot read or write{where}: {reason}; check the path, its permissions "
+            "and the free disk space"
+        )
+    if _is_out_of_memory(err):
+        return (
+            f"ran out of memory ({' '.join(str(err).split())[:120]}); use a shorter --seq-len, "
+            "a smaller --batch-size, or only streaming detectors"
+        )
+    return None
+
+
+class _OneLineErrors(typer.core.TyperGroup):
+    """Every failure ends as one ``error:`` line on stderr and exit status 1.
+
+    A user error (HeadscopeError, a bad option, a disk or memory problem) says
+    what to do; anything else is a bug and says so. HEADSCOPE_DEBUG=1 shows the
+    traceback instead.
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            code = result if isinstance(result, int) else 0
+        except (KeyboardInterrupt, typer.Abort):
+            _print_error("interrupted; nothing was left half-written")
+            code = 130
+        except Exception as err:
+            if os.environ.get("HEADSCOPE_DEBUG"):
+                raise
+            message = _user_message(err)
+            if message is None:
+                message = (
+                    f"internal error, a bug in headscope ({type(err).__name__}: {err}); "
+                    "please report it with the output of HEADSCOPE_DEBUG=1"
+                )
+            _print_error(message)
+            code = 1
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
 
 app = typer.Typer(
     name="headscope",
@@ -23,15 +98,22 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=_OneLineErrors,
 )
-console = Console()
-errors = Console(stderr=True)
+# No rich markup anywhere: model specs, paths and prompts are user text, and
+# "[/x]" in any of them would otherwise be read as markup (and raise).
+console = Console(markup=False, highlight=False)
+errors = Console(stderr=True, markup=False, highlight=False)
+
+
+def _print_error(message: str) -> None:
+    errors.print(Text("error: ", style="bold red") + Text(_one_line(message)), soft_wrap=True)
 
 
 def _fail(err: Exception) -> None:
     if os.environ.get("HEADSCOPE_DEBUG"):
         raise err
-    errors.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+    _print_error(str(err))
     raise typer.Exit(1)
 
 
@@ -69,44 +151,53 @@ def scan(
     report: Annotated[bool, typer.Option(help="print the report when done")] = True,
 ) -> None:
     """Scan a model on prompt sets, run detectors and write a run folder."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     from headscope.report import build_report
     from headscope.scan import scan as run_scan
 
+    progress = Progress(
+        TextColumn("{task.description}", markup=False, style="progress.description"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=errors,
+        transient=False,
+    )
+    tasks: dict[str, int] = {}
+
+    def on_progress(name: str, done: int, total: int) -> None:
+        if not tasks:  # started with the first bar: a scan refused up front prints none
+            progress.start()
+        if name not in tasks:
+            tasks[name] = progress.add_task(f"scan {name}", total=total)
+        progress.update(tasks[name], completed=done)
+
     try:
-        with Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=errors,
-            transient=False,
-        ) as progress:
-            tasks: dict[str, int] = {}
-
-            def on_progress(name: str, done: int, total: int) -> None:
-                if name not in tasks:
-                    tasks[name] = progress.add_task(f"scan {name}", total=total)
-                progress.update(tasks[name], completed=done)
-
-            result = run_scan(
-                model,
-                prompts=prompts,
-                detectors=detectors,
-                n_prompts=n_prompts,
-                seq_len=seq_len,
-                batch_size=batch_size,
-                device=device,
-                out=out,
-                force=force,
-                on_progress=on_progress,
-            )
-    except HeadscopeError as err:
-        _fail(err)
+        result = run_scan(
+            model,
+            prompts=prompts,
+            detectors=detectors,
+            n_prompts=n_prompts,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            device=device,
+            out=out,
+            force=force,
+            on_progress=on_progress,
+        )
+    finally:
+        if tasks:
+            progress.stop()
     timing = result.manifest["timing"]
     console.print(
-        f"wrote run [bold]{result.path}[/] in {timing['total_s']:.1f} s "
+        f"wrote run {result.path} in {timing['total_s']:.1f} s "
         f"(model load {timing['model_load_s']:.1f} s)"
     )
     if report:
@@ -142,7 +233,7 @@ def report(
             from headscope.html_report import write_html_report
 
             written = write_html_report(run, html)
-            console.print(f"wrote [bold]{written}[/] ({written.stat().st_size / 1e6:.1f} MB)")
+            console.print(f"wrote {written} ({written.stat().st_size / 1e6:.1f} MB)")
             return
         opened = open_run(run)
         tables = [*opened.head_tables(), *opened.layer_tables()]
@@ -205,6 +296,8 @@ def dashboard(
 
     if not runs.is_dir():
         _fail(HeadscopeError(f"no runs folder {runs}; make a run with `headscope scan --out`"))
+    if not 1 <= port <= 65535:
+        _fail(HeadscopeError(f"--port must be between 1 and 65535, got {port}"))
     script = Path(dashboard_package.__file__).parent / "app.py"
     command = [
         sys.executable, "-m", "streamlit", "run", str(script),
@@ -212,7 +305,7 @@ def dashboard(
         "--browser.gatherUsageStats", "false",
     ]  # fmt: skip
     environment = {**os.environ, "HEADSCOPE_RUNS_DIR": str(runs.resolve())}
-    console.print(f"headscope dashboard: [bold]http://{host}:{port}[/] (runs under {runs})")
+    console.print(f"headscope dashboard: http://{host}:{port} (runs under {runs})")
     sys.stdout.flush()
     # become streamlit (no child left behind when this process is signalled)
     os.execve(sys.executable, command, environment)
@@ -260,8 +353,11 @@ def export_ablation(
     force: Annotated[bool, typer.Option(help="replace an existing folder at --out")] = False,
 ) -> None:
     """Write a head ablation: JSON spec, TransformerLens hooks, baked checkpoint (zero)."""
+    from headscope.checks import check_count, check_finite
+    from headscope.exporters.ablation import ABLATION_FOLDER, heads_from_run
     from headscope.exporters.ablation import export_ablation as write_export
-    from headscope.exporters.ablation import heads_from_run
+    from headscope.exporters.transformer_lens_hooks import HEAD_METHODS
+    from headscope.outputs import OutputFolder
     from headscope.probes.ablation import (
         Ablation,
         check_heads,
@@ -274,6 +370,10 @@ def export_ablation(
     try:
         if (heads is None) == (from_run is None):
             raise HeadscopeError("give the heads (e.g. L3H5,L12H0) or --from RUN --role NAME")
+        if method not in HEAD_METHODS:
+            raise HeadscopeError(f"unknown --method '{method}'; choose {' | '.join(HEAD_METHODS)}")
+        check_count(reference_prompts, "--reference-prompts")
+        check_finite(epsilon, "--epsilon")
         if from_run is not None:
             if role is None:
                 raise HeadscopeError("--from needs --role: the detector whose top heads to take")
@@ -285,28 +385,27 @@ def export_ablation(
             model = run_model
         else:
             chosen = parse_heads(heads)
-        if out.exists() and not force:
-            raise HeadscopeError(f"{out} already exists; pass --force to replace it")
-        handle = load_model(model or DEFAULT_MODEL)
-        check_heads(chosen, handle.arch)
-        if method == "mean":
-            ablation = mean_ablation(
-                handle, chosen, prompt_set=reference, per_position=per_position,
-                n_prompts=reference_prompts,
-            )  # fmt: skip
-        elif method == "resample":
-            ablation = resample_ablation(
-                handle, chosen, prompt_set=reference, n_prompts=reference_prompts or 8
+        with OutputFolder(out, ABLATION_FOLDER, force=force) as folder:
+            handle = load_model(model or DEFAULT_MODEL)
+            check_heads(chosen, handle.arch)
+            if method == "mean":
+                ablation = mean_ablation(
+                    handle, chosen, prompt_set=reference, per_position=per_position,
+                    n_prompts=reference_prompts,
+                )  # fmt: skip
+            elif method == "resample":
+                ablation = resample_ablation(
+                    handle, chosen, prompt_set=reference, n_prompts=reference_prompts or 8
+                )
+            else:
+                ablation = Ablation(method=method, heads=chosen, epsilon=epsilon)
+            written = write_export(
+                handle, ablation, folder, checkpoint=None if checkpoint else False
             )
-        else:
-            ablation = Ablation(method=method, heads=chosen, epsilon=epsilon)
-        written = write_export(
-            handle, ablation, out, force=force, checkpoint=None if checkpoint else False
-        )
     except HeadscopeError as err:
         _fail(err)
     names = ", ".join(f"L{layer}H{head}" for layer, head in chosen)
-    console.print(f"{method} ablation of {names} on {handle.spec} -> [bold]{written.folder}[/]")
+    console.print(f"{method} ablation of {names} on {handle.spec} -> {written.folder}")
     console.print(f"  spec:       {written.spec}")
     console.print(f"  TL hooks:   {written.hooks}")
     if written.checkpoint is not None:
@@ -368,15 +467,25 @@ def export_prune(
     force: Annotated[bool, typer.Option(help="replace an existing folder at --out")] = False,
 ) -> None:
     """Write a pruned checkpoint (blocks removed, attention layers zeroed) and prune.json."""
-    from headscope.exporters.prune import choose_plan, export_pruned, orders_from_run
+    from headscope.checks import check_batch_size, check_count
+    from headscope.exporters.prune import (
+        PRUNE_FOLDER,
+        choose_plan,
+        export_pruned,
+        orders_from_run,
+    )
+    from headscope.outputs import OutputFolder
     from headscope.probes.ablation import parse_heads
     from headscope.probes.models import DEFAULT_MODEL, load_model
 
     try:
         chosen_heads = parse_heads(heads) if heads else ()
         explicit_attn, explicit_blocks = _layer_list(attn_layers), _layer_list(blocks)
-        if out.exists() and not force:
-            raise HeadscopeError(f"{out} already exists; pass --force to replace it")
+        check_batch_size(batch_size)
+        check_count(calibration_prompts, "--calibration-prompts")
+        check_count(eval_prompts, "--eval-prompts")
+        check_count(drop_attn, "--drop-attn", minimum=0)
+        check_count(drop_blocks, "--drop-blocks", minimum=0)
         run_orders = None
         if from_run is not None:
             run_model, run_orders = orders_from_run(from_run)
@@ -385,22 +494,23 @@ def export_prune(
                     f"run {from_run} was made with {run_model}, not {model}; drop --model"
                 )
             model = run_model
-        handle = load_model(model or DEFAULT_MODEL)
-        plan = choose_plan(
-            handle, n_attention=drop_attn, n_blocks=drop_blocks, order=order,
-            attention_layers=explicit_attn, blocks=explicit_blocks, heads=chosen_heads,
-            run_orders=run_orders, calibration=calibration,
-            calibration_prompts=calibration_prompts, batch_size=batch_size,
-        )  # fmt: skip
-        written = export_pruned(
-            handle, plan, out, force=force, eval_prompt_set=eval_set,
-            eval_prompts=eval_prompts, batch_size=batch_size,
-        )  # fmt: skip
+        with OutputFolder(out, PRUNE_FOLDER, force=force) as folder:
+            handle = load_model(model or DEFAULT_MODEL)
+            plan = choose_plan(
+                handle, n_attention=drop_attn, n_blocks=drop_blocks, order=order,
+                attention_layers=explicit_attn, blocks=explicit_blocks, heads=chosen_heads,
+                run_orders=run_orders, calibration=calibration,
+                calibration_prompts=calibration_prompts, batch_size=batch_size,
+            )  # fmt: skip
+            written = export_pruned(
+                handle, plan, folder, eval_prompt_set=eval_set,
+                eval_prompts=eval_prompts, batch_size=batch_size,
+            )  # fmt: skip
     except HeadscopeError as err:
         _fail(err)
     manifest = written.manifest
     removed = manifest["removed"]
-    console.print(f"pruned {handle.spec} -> [bold]{written.folder}[/]")
+    console.print(f"pruned {handle.spec} -> {written.folder}")
     console.print(f"  attention layers zeroed: {removed['attention_layers'] or '-'}")
     console.print(f"  blocks removed:          {removed['blocks'] or '-'}")
     if removed["heads"]:

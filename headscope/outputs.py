@@ -156,12 +156,14 @@ def _replaceable_reason(path: Path, kind: FolderKind) -> str | None:
     return None
 
 
-def check_output_folder(out: Path | str, kind: FolderKind, *, force: bool) -> Path:
+def check_output_folder(out: Path | str | OutputFolder, kind: FolderKind, *, force: bool) -> Path:
     """Refuse an output folder headscope must not write to; returns the resolved path.
 
     Nothing is created. Call it before expensive work; ``claim_output`` calls
     it again under the lock.
     """
+    if isinstance(out, OutputFolder):
+        return out.path  # checked when it was claimed, and held since
     given = Path(out)
     path = check_parent(out, what=f"{kind.name} folder")
     reason = _forbidden_reason(path)
@@ -376,12 +378,13 @@ class OutputFolder:
             raise
 
 
-def write_folder(out: Path | str, kind: FolderKind, *, force: bool):
-    """Claim ``out`` and write it in one step (for callers with no long work first)."""
-
-    @contextlib.contextmanager
-    def writing() -> Iterator[Path]:
-        with OutputFolder(out, kind, force=force) as folder, folder.writing() as partial:
+@contextlib.contextmanager
+def write_folder(out: Path | str | OutputFolder, kind: FolderKind, *, force: bool):
+    """Write ``out`` atomically: yields the hidden folder to fill. ``out`` may be an
+    ``OutputFolder`` the caller claimed before its long work; a path is claimed here."""
+    if isinstance(out, OutputFolder):
+        with out.writing() as partial:
             yield partial
-
-    return writing()
+        return
+    with OutputFolder(out, kind, force=force) as folder, folder.writing() as partial:
+        yield partial

@@ -19,7 +19,6 @@ no half run behind, and ``--force`` only ever replaces a folder that is a run.
 
 from __future__ import annotations
 
-import contextlib
 import html
 import importlib.metadata
 import json
@@ -44,7 +43,13 @@ from headscope.analyses.tables import (
     evidence_to_json,
 )
 from headscope.errors import HeadscopeError
-from headscope.outputs import FolderKind, OutputFolder, check_output_folder, versioned_format
+from headscope.outputs import (
+    FolderKind,
+    OutputFolder,
+    check_output_folder,
+    versioned_format,
+    write_folder,
+)
 
 SCHEMA_VERSION = 1
 RUN_FORMAT = "headscope-run"
@@ -207,34 +212,43 @@ def write_run(
     for name in samples or {}:
         _check_sample_name(name)
 
-    claimed = out if isinstance(out, OutputFolder) else None
-    with contextlib.ExitStack() as stack:
-        if claimed is None:
-            claimed = stack.enter_context(OutputFolder(out, RUN_FOLDER, force=force))
-        with claimed.writing() as partial:
-            if head_tables:
-                _write_tables(head_tables, partial / HEADS_FILE)
-            if layer_tables:
-                _write_tables(layer_tables, partial / LAYERS_FILE)
-            if tensors:
-                safetensors.torch.save_file(_cpu_tensors(tensors, "tensor"), partial / STATS_FILE)
-            if samples:
-                (partial / SAMPLES_DIR).mkdir()
-                for name, sample in samples.items():
-                    safetensors.torch.save_file(
-                        _cpu_tensors(sample, f"sample {name!r}"),
-                        partial / SAMPLES_DIR / f"{name}.safetensors",
-                    )
-            # the manifest last: a folder without it is never taken for a run
-            (partial / MANIFEST_FILE).write_text(manifest_text, encoding="utf-8")
-    return claimed.path
+    path = check_output_folder(out, RUN_FOLDER, force=force)
+    with write_folder(out, RUN_FOLDER, force=force) as partial:
+        if head_tables:
+            _write_tables(head_tables, partial / HEADS_FILE)
+        if layer_tables:
+            _write_tables(layer_tables, partial / LAYERS_FILE)
+        if tensors:
+            safetensors.torch.save_file(_cpu_tensors(tensors, "tensor"), partial / STATS_FILE)
+        if samples:
+            (partial / SAMPLES_DIR).mkdir()
+            for name, sample in samples.items():
+                safetensors.torch.save_file(
+                    _cpu_tensors(sample, f"sample {name!r}"),
+                    partial / SAMPLES_DIR / f"{name}.safetensors",
+                )
+        # the manifest last: a folder without it is never taken for a run
+        (partial / MANIFEST_FILE).write_text(manifest_text, encoding="utf-8")
+    return path
 
 
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
 
 
+# --------------------------------------------------------------------------- reading
+# Every check a run must pass lives in headscope.run_checks; what fails becomes
+# one HeadscopeError line that names the run, the file and what is wrong.
+
+#: what parsing a damaged JSON text can raise (ValueError covers JSONDecodeError
+#: and integers too long to convert; RecursionError, arrays nested too deep)
+_JSON_ERRORS = (ValueError, TypeError, RecursionError)
+
+
 def _read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of the run at ``path``, checked against ``MANIFEST_SCHEMA``."""
+    from headscope.run_checks import manifest_problem
+
     if not path.is_dir():
         raise HeadscopeError(f"no run at {path}: the folder does not exist")
     manifest_path = path / MANIFEST_FILE
@@ -242,27 +256,30 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         raise HeadscopeError(f"{path} is not a headscope run: it has no {MANIFEST_FILE}")
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, *_JSON_ERRORS) as err:
         raise HeadscopeError(f"{manifest_path} is not readable JSON ({_one_line(err)})") from None
-    if not isinstance(manifest, dict):
-        raise HeadscopeError(f"{manifest_path} is not a JSON object")
-    version = manifest.get("schema_version")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise HeadscopeError(f"{manifest_path} has no integer schema_version")
-    if version > SCHEMA_VERSION:
+    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
         raise HeadscopeError(
             f"run {path} has schema version {version} but this headscope reads up to "
             f"{SCHEMA_VERSION}; upgrade headscope to open it"
         )
+    problem = manifest_problem(manifest)
+    if problem:
+        raise HeadscopeError(f"run {path}: {MANIFEST_FILE} {problem}")
     return manifest
 
 
 def _read_table_file(path: Path, columns: tuple[str, ...], wanted: bool) -> pd.DataFrame:
     """Rows of heads/layers.parquet with evidence decoded; an empty frame when none stored."""
-    if not path.exists():
+    from headscope.run_checks import columns_problem
+
+    if not os.path.lexists(path):
         if wanted:
             raise HeadscopeError(f"run {path.parent} lists tables but has no {path.name}")
         return pd.DataFrame(columns=[*KEY_COLUMNS, *columns])
+    if not path.is_file():
+        raise HeadscopeError(f"{path} is not a file")
     try:
         frame = pd.read_parquet(path, engine="pyarrow")
     except Exception as err:  # pyarrow raises several types for damaged files
@@ -270,11 +287,41 @@ def _read_table_file(path: Path, columns: tuple[str, ...], wanted: bool) -> pd.D
     missing = [c for c in (*KEY_COLUMNS, *columns) if c not in frame.columns]
     if missing:
         raise HeadscopeError(f"{path} lacks columns {missing}")
+    problem = columns_problem(frame, columns)
+    if problem:
+        raise HeadscopeError(f"{path}: {problem}")
     try:
-        frame["evidence"] = [evidence_from_json(text) for text in frame["evidence"]]
-    except (TypeError, json.JSONDecodeError) as err:
+        evidence = [evidence_from_json(text) for text in frame["evidence"]]
+    except _JSON_ERRORS as err:
         raise HeadscopeError(f"{path} has evidence that is not JSON ({_one_line(err)})") from None
+    if not all(isinstance(e, dict) for e in evidence):
+        raise HeadscopeError(f"{path} has evidence that is not a JSON object")
+    frame["evidence"] = evidence
     return frame
+
+
+def _check_rows(path: Path, frame: pd.DataFrame, entries: Sequence[Mapping[str, Any]]) -> None:
+    from headscope.run_checks import rows_problem
+
+    for entry in entries:
+        problem = rows_problem(frame, entry)
+        if problem:
+            raise HeadscopeError(f"{path}: {problem}")
+
+
+def _check_safetensors(path: Path) -> None:
+    """Read a safetensors file's header: a truncated or damaged file fails here.
+
+    Cheap: the tensors are memory-mapped, not read.
+    """
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():
+                handle.get_slice(name).get_shape()
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise HeadscopeError(
+            f"{path} is not a readable safetensors file ({_one_line(err)})"
+        ) from None
 
 
 def _manifest_entries(manifest: Mapping[str, Any], kind: str) -> list[dict[str, Any]]:
@@ -403,20 +450,28 @@ def _load_safetensors(path: Path, missing_ok: bool = False) -> dict[str, torch.T
 
 
 def open_run(path: Path | str) -> Run:
-    """Open a run folder; a HeadscopeError names the path and what is wrong with it."""
+    """Open a run folder, checked before anything reads it (see ``headscope.run_checks``).
+
+    A HeadscopeError names the path and what is wrong: a manifest field of the
+    wrong type, rows outside the model, a truncated Parquet or safetensors file.
+    """
     path = Path(path).expanduser()
     manifest = _read_manifest(path)
-    heads = _read_table_file(
-        path / HEADS_FILE, HEAD_COLUMNS, wanted=bool(_manifest_entries(manifest, "head"))
-    )
-    layers = _read_table_file(
-        path / LAYERS_FILE, LAYER_COLUMNS, wanted=bool(_manifest_entries(manifest, "layer"))
-    )
+    head_entries = _manifest_entries(manifest, "head")
+    layer_entries = _manifest_entries(manifest, "layer")
+    heads = _read_table_file(path / HEADS_FILE, HEAD_COLUMNS, wanted=bool(head_entries))
+    layers = _read_table_file(path / LAYERS_FILE, LAYER_COLUMNS, wanted=bool(layer_entries))
+    _check_rows(path / HEADS_FILE, heads, head_entries)
+    _check_rows(path / LAYERS_FILE, layers, layer_entries)
+    if os.path.lexists(path / STATS_FILE):
+        _check_safetensors(path / STATS_FILE)
     run = Run(path, manifest, heads, layers)
+    for name in run.sample_names():
+        _check_safetensors(path / SAMPLES_DIR / f"{name}.safetensors")
     try:  # build every table once so a damaged run fails here, not in the dashboard
         run.head_tables()
         run.layer_tables()
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
         raise HeadscopeError(
             f"run {path} has tables that do not match its {MANIFEST_FILE} ({_one_line(err)!r})"
         ) from None

@@ -35,7 +35,13 @@ import torch
 
 from headscope.errors import HeadscopeError
 from headscope.exporters import transformer_lens_hooks
-from headscope.outputs import FolderKind, check_output_folder, versioned_format, write_folder
+from headscope.outputs import (
+    FolderKind,
+    OutputFolder,
+    check_output_folder,
+    versioned_format,
+    write_folder,
+)
 from headscope.probes.ablation import SPEC_FORMAT, SPEC_VERSION, Ablation
 from headscope.probes.models import ModelHandle
 from headscope.probes.sites import block_sites, is_conv1d, zero_head_output_weight
@@ -157,7 +163,7 @@ def _mlp_output(mlp: torch.nn.Module | None) -> torch.nn.Module:
 def export_ablation(
     handle: ModelHandle,
     ablation: Ablation,
-    out: str | Path,
+    out: str | Path | OutputFolder,
     *,
     force: bool = False,
     checkpoint: bool | None = None,
@@ -167,7 +173,7 @@ def export_ablation(
     ``checkpoint``: None bakes one whenever the method is zero; True demands it.
     """
     ablation.check(handle)
-    check_output_folder(out, ABLATION_FOLDER, force=force)
+    folder = check_output_folder(out, ABLATION_FOLDER, force=force)
     bake = ablation.method == "zero" if checkpoint is None else checkpoint
     baked = bake_zero_ablation(handle, ablation) if bake else None
     spec = spec_json(handle, ablation)
@@ -177,10 +183,9 @@ def export_ablation(
         if baked is not None:
             baked.save_pretrained(tmp / CHECKPOINT_DIR, safe_serialization=True)
             handle.tokenizer.save_pretrained(tmp / CHECKPOINT_DIR)
-    out = Path(out)
     return AblationExport(
-        folder=out,
-        spec=out / SPEC_FILE,
-        hooks=out / HOOKS_FILE,
-        checkpoint=out / CHECKPOINT_DIR if baked is not None else None,
+        folder=folder,
+        spec=folder / SPEC_FILE,
+        hooks=folder / HOOKS_FILE,
+        checkpoint=folder / CHECKPOINT_DIR if baked is not None else None,
     )

@@ -32,9 +32,15 @@ from typing import Any
 
 import torch
 
-from headscope.checks import check_batch_size
+from headscope.checks import check_batch_size, check_count
 from headscope.errors import HeadscopeError
-from headscope.outputs import FolderKind, check_output_folder, versioned_format, write_folder
+from headscope.outputs import (
+    FolderKind,
+    OutputFolder,
+    check_output_folder,
+    versioned_format,
+    write_folder,
+)
 from headscope.probes.ablation import Ablation, Head, check_heads
 from headscope.probes.models import ModelHandle
 from headscope.probes.sites import block_list
@@ -149,7 +155,7 @@ class PruneExport:
 def export_pruned(
     handle: ModelHandle,
     plan: PrunePlan,
-    out: str | Path,
+    out: str | Path | OutputFolder,
     *,
     force: bool = False,
     eval_prompt_set: str | None = "prose-heldout",
@@ -165,8 +171,9 @@ def export_pruned(
     from headscope.probes.perplexity import plain_perplexity
     from headscope.probes.streaming import pad_id_of
 
-    check_output_folder(out, PRUNE_FOLDER, force=force)
+    folder = check_output_folder(out, PRUNE_FOLDER, force=force)
     check_batch_size(batch_size)
+    check_count(eval_prompts, "--eval-prompts")
     model = pruned_model(handle, plan)
     perplexity = None
     if eval_prompt_set is not None and handle.arch.causal:
@@ -199,8 +206,7 @@ def export_pruned(
         handle.tokenizer.save_pretrained(tmp / CHECKPOINT_DIR)
         manifest["checkpoint_bytes"] = _size_of(tmp / CHECKPOINT_DIR)
         (tmp / PRUNE_FILE).write_text(json.dumps(manifest, indent=1, allow_nan=False) + "\n")
-    out = Path(out)
-    return PruneExport(folder=out, checkpoint=out / CHECKPOINT_DIR, manifest=manifest)
+    return PruneExport(folder=folder, checkpoint=folder / CHECKPOINT_DIR, manifest=manifest)
 
 
 ORDERS = ("similarity", "block_influence", "iterative")
@@ -267,6 +273,8 @@ def choose_plan(
     """
     from headscope.analyses.drop_simulation import iterative_order
 
+    check_batch_size(batch_size)
+    check_count(calibration_prompts, "--calibration-prompts")
     if order not in ORDERS:
         raise HeadscopeError(f"unknown order '{order}'; choose one of {', '.join(ORDERS)}")
     if (n_attention and attention_layers) or (n_blocks and blocks):

@@ -409,6 +409,9 @@ def mean_ablation(
     every prompt. ``per_position``: one vector per position (padding excluded),
     which applies only to inputs no longer than the reference prompts.
     """
+    from headscope.checks import check_count
+
+    check_count(n_prompts, "--reference-prompts")
     heads = tuple(heads)
     check_heads(heads, handle.arch)
     prompts, batches = _prompt_batches(handle, prompt_set, n_prompts, batch_size)
@@ -451,6 +454,9 @@ def resample_ablation(
     Row i of an ablated batch takes source prompt i mod n_prompts, position by
     position; the sources are cut to the shortest source prompt.
     """
+    from headscope.checks import check_count
+
+    check_count(n_prompts, "--reference-prompts")
     heads = tuple(heads)
     check_heads(heads, handle.arch)
     prompts, batches = _prompt_batches(handle, prompt_set, n_prompts, batch_size)
