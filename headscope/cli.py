@@ -356,11 +356,11 @@ def export_ablation(
     from headscope.checks import check_count, check_finite
     from headscope.exporters.ablation import ABLATION_FOLDER, heads_from_run
     from headscope.exporters.ablation import export_ablation as write_export
-    from headscope.exporters.transformer_lens_hooks import HEAD_METHODS
     from headscope.outputs import OutputFolder
     from headscope.probes.ablation import (
         Ablation,
         check_heads,
+        check_method,
         mean_ablation,
         parse_heads,
         resample_ablation,
@@ -370,8 +370,7 @@ def export_ablation(
     try:
         if (heads is None) == (from_run is None):
             raise HeadscopeError("give the heads (e.g. L3H5,L12H0) or --from RUN --role NAME")
-        if method not in HEAD_METHODS:
-            raise HeadscopeError(f"unknown --method '{method}'; choose {' | '.join(HEAD_METHODS)}")
+        check_method(method)
         check_count(reference_prompts, "--reference-prompts")
         check_finite(epsilon, "--epsilon")
         if from_run is not None:

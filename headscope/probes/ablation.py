@@ -70,6 +70,13 @@ def parse_heads(text: str | Sequence[str]) -> tuple[Head, ...]:
     return tuple(dict.fromkeys(heads))
 
 
+def check_method(method: str) -> None:
+    if method not in HEAD_METHODS:
+        raise HeadscopeError(
+            f"unknown ablation method '{method}'; choose one of {', '.join(HEAD_METHODS)}"
+        )
+
+
 def check_heads(heads: Sequence[Head], arch: ArchInfo) -> None:
     """Raise naming every head outside the model (layers and heads are 0-based)."""
     bad = [
@@ -103,10 +110,7 @@ class Ablation:
     def __post_init__(self) -> None:
         object.__setattr__(self, "heads", tuple((int(layer), int(h)) for layer, h in self.heads))
         object.__setattr__(self, "skip", tuple((str(m), int(layer)) for m, layer in self.skip))
-        if self.method not in HEAD_METHODS:
-            raise HeadscopeError(
-                f"unknown ablation method '{self.method}'; choose one of {', '.join(HEAD_METHODS)}"
-            )
+        check_method(self.method)
         for module, _ in self.skip:
             if module not in SKIP_MODULES:
                 raise HeadscopeError(
