@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -61,6 +62,10 @@ def _user_message(err: BaseException) -> str | None:
     return None
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {_one_line(str(message))}\n"
+
+
 class _OneLineErrors(typer.core.TyperGroup):
     """Every failure ends as one ``error:`` line on stderr and exit status 1.
 
@@ -70,6 +75,7 @@ class _OneLineErrors(typer.core.TyperGroup):
     """
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        warnings.formatwarning = _one_line_warning
         try:
             result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
             code = result if isinstance(result, int) else 0

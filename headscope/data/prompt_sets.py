@@ -129,6 +129,8 @@ class PromptSet:
             if isinstance(bos_token_id, bool) or not isinstance(bos_token_id, int):
                 raise HeadscopeError(f"bos_token_id must be an int or None, got {bos_token_id!r}")
         bos = 0 if bos_token_id is None else 1
+        if self.kind in ("random_repeat", "repeated_token"):
+            self._check_generated_size()
         if self.kind == "text_stream":
             bodies = self._text_stream_bodies(tokenizer, bos)
         elif self.kind == "texts":
@@ -145,6 +147,20 @@ class PromptSet:
             tokens=tokens,
             bos_prepended=bos_token_id is not None,
         )
+
+    def _check_generated_size(self) -> None:
+        """Refuse, before generating it, a set that cannot fit in memory (a token
+        costs about 64 bytes while it is a Python int in a list, then a tensor)."""
+        from headscope.checks import available_memory_bytes
+
+        needed = self.n_prompts * self.seq_len * 64
+        available = available_memory_bytes()
+        if available is not None and needed > available // 2:
+            raise HeadscopeError(
+                f"prompt set '{self.name}' would hold {self.n_prompts} x {self.seq_len} tokens, "
+                f"about {needed / 2**30:.1f} GiB while it is built, more than half of the "
+                f"{available / 2**30:.1f} GiB available; use a smaller --n-prompts or --seq-len"
+            )
 
     # -- one method per kind; each returns token-id lists without the BOS --------
 
