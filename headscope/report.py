@@ -4,12 +4,20 @@ Returns rich renderables so the CLI prints them and tests can render them to
 plain text. Each role leads with its primary prompt set (the set on which it
 is defined, e.g. induction on repeated random tokens). ``sink_summary`` gathers
 the sink analyses into one table (also as Markdown, for READMEs and notes).
+
+A run's strings are data, never markup: every cell and title is a rich
+``Text`` (so ``[bold]`` in a prompt-set name is printed, not applied) with its
+control characters shown as escapes (no terminal escape sequence from a run
+reaches the terminal). A table whose summary or params lack what its section
+needs (a hand-edited run) gets one line saying so; the rest of the report is
+still printed.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,6 +26,55 @@ from rich.table import Table
 from rich.text import Text
 
 from headscope.analyses.tables import HeadTable, LayerTable
+
+#: what formatting a table whose summary or params are not what its detector
+#: writes can raise (a missing key, a string where a number belongs, ...)
+UNREADABLE = (
+    KeyError, TypeError, ValueError, IndexError, AttributeError, ZeroDivisionError,
+    OverflowError,
+)  # fmt: skip
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|])")
+
+
+def plain(value: Any) -> str:
+    """A value from a run as one line of plain text: runs of whitespace become one
+    space, other control characters (and bidi overrides) are shown as escapes."""
+    return _CONTROL.sub(_escaped, " ".join(str(value).split()))
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 256 else f"\\u{code:04x}"
+
+
+def _text(value: Any) -> Text:
+    return Text(plain(value))
+
+
+def _markdown_cell(value: Any) -> str:
+    """Text for a Markdown table cell: no pipe ends the cell, no link or tag forms."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", plain(value))
+
+
+def unreadable(table: HeadTable | LayerTable, err: BaseException) -> str:
+    """One line: this table's section cannot be shown, and why."""
+    if isinstance(err, KeyError) and err.args:
+        why = f"its summary or params lack {err.args[0]!r}"
+    else:
+        why = f"its summary or params hold unexpected values ({type(err).__name__}: {err})"
+    return plain(f"{table.detector} on {table.prompt_set}: not shown, {why}")
+
+
+def _new_table(title: str, columns: Sequence[str], *, right: Sequence[str] = ()) -> Table:
+    table = Table(title=_text(title), min_width=60)
+    for column in columns:
+        table.add_column(column, justify="right" if column in right else "left")
+    return table
+
+
+def _add_row(table: Table, *cells: Any) -> None:
+    table.add_row(*(_text(cell) for cell in cells))
 
 
 def _sink_rates(tables: Sequence[HeadTable]) -> Table:
@@ -37,14 +94,17 @@ def _sink_rates(tables: Sequence[HeadTable]) -> Table:
         if t.detector != "first_token_sink":
             continue
         s = t.summary
-        table.add_row(
-            t.prompt_set,
-            f"{t.params['epsilon']:g}",
-            f"{s['sink_rate']:.1f}",
-            f"{s['sink_rate_sd_over_prompts']:.1f}",
-            f"{s['sink_rate_of_mean']:.1f}",
-            str(s["n_prompts"]),
-        )
+        try:
+            cells = (
+                f"{t.params['epsilon']:g}",
+                f"{s['sink_rate']:.1f}",
+                f"{s['sink_rate_sd_over_prompts']:.1f}",
+                f"{s['sink_rate_of_mean']:.1f}",
+                str(s["n_prompts"]),
+            )
+        except UNREADABLE as err:
+            cells = (unreadable(t, err), "", "", "", "")
+        _add_row(table, t.prompt_set, *cells)
     return table
 
 
@@ -65,71 +125,87 @@ def _format(value: Any) -> str:
     return str(value)
 
 
+def _rate_row(t: HeadTable) -> tuple[str, str]:
+    s = t.summary
+    return (f"Sink_1^{t.params['epsilon']:g} on {t.prompt_set} (% of heads)",
+            f"{s['sink_rate']:.1f} (sd {s['sink_rate_sd_over_prompts']:.1f} over "
+            f"{s['n_prompts']} prompts)")  # fmt: skip
+
+
+def _hidden_row(t: HeadTable) -> tuple[str, str]:
+    s = t.summary
+    return (f"heads with hidden sinks on {t.prompt_set} (on >= "
+            f"{t.params['min_fraction']:.0%} of prompts / on any)",
+            f"{s['n_heads_flagged']} / {s['n_heads_with_any_hidden_sink']} "
+            f"of {len(t.frame)}")  # fmt: skip
+
+
+def _massive_row(t: LayerTable) -> tuple[str, str]:
+    s = t.summary
+    return (f"massive activations on {t.prompt_set}: dims (first layer)",
+            f"{_format(s['massive_dims'])} ({_format(s['first_layer'])}); "
+            f"max |h| {s['max_abs']:.0f}")  # fmt: skip
+
+
+def _position_row(t: LayerTable, label: str) -> tuple[str, str]:
+    flagged = t.flagged()["layer"].sort_values().tolist()
+    return (f"{label} at position {t.params['position']} on {t.prompt_set}: layers",
+            _format(flagged))  # fmt: skip
+
+
+def _dormant_row(t: HeadTable) -> tuple[str, str]:
+    return (f"active-dormant heads over {t.prompt_set}", str(t.summary["n_active_dormant"]))
+
+
+def _intervention_row(t: LayerTable) -> tuple[str, str]:
+    s = t.summary
+    return (f"{t.prompt_set} perplexity, massive entries (layer {s['layer']}, dims "
+            f"{_format(s['dims'])}): untouched / mean / zero",
+            f"{s['ppl_original']:.2f} / {s['ppl_mean']:.2f} / {s['ppl_zero']:.4g}")  # fmt: skip
+
+
+def _window_row(t: HeadTable) -> tuple[str, str]:
+    s, p = t.summary, t.params
+    k = p["n_sink_tokens"]
+    return (f"{t.prompt_set} perplexity past the window (T {p['seq_len']}, W {p['window']}): "
+            f"full / window 0 sinks / window {k} sinks",
+            f"{s['ppl_full_past_window']:.2f} / {s['ppl_window_0_sinks_past_window']:.4g} / "
+            f"{s[f'ppl_window_{k}_sinks_past_window']:.2f}")  # fmt: skip
+
+
 def sink_summary(
     tables: Sequence[HeadTable | LayerTable], *, include_rates: bool = True
 ) -> list[tuple[str, str]]:
     """(quantity, value) rows of the sink analyses present in ``tables``.
 
     ``include_rates=False`` leaves out the Sink_1 rows (the full report shows
-    them in their own, wider table).
+    them in their own, wider table). A table whose summary lacks a figure gets
+    a row that says so.
     """
     rows: list[tuple[str, str]] = []
-    for t in tables:
-        if include_rates and t.detector == "first_token_sink":
-            s = t.summary
-            rows.append(
-                (f"Sink_1^{t.params['epsilon']:g} on {t.prompt_set} (% of heads)",
-                 f"{s['sink_rate']:.1f} (sd {s['sink_rate_sd_over_prompts']:.1f} over "
-                 f"{s['n_prompts']} prompts)")
-            )  # fmt: skip
-    for t in tables:
-        if t.detector == "hidden_sink":
-            s = t.summary
-            rows.append(
-                (f"heads with hidden sinks on {t.prompt_set} (on >= "
-                 f"{t.params['min_fraction']:.0%} of prompts / on any)",
-                 f"{s['n_heads_flagged']} / {s['n_heads_with_any_hidden_sink']} of {len(t.frame)}")
-            )  # fmt: skip
-    for t in tables:
-        if t.detector == "massive_activations":
-            s = t.summary
-            rows.append(
-                (f"massive activations on {t.prompt_set}: dims (first layer)",
-                 f"{_format(s['massive_dims'])} ({_format(s['first_layer'])}); "
-                 f"max |h| {s['max_abs']:.0f}")
-            )  # fmt: skip
+
+    def add(table: HeadTable | LayerTable | None, row: Callable[..., tuple[str, str]],
+            *args: Any) -> None:  # fmt: skip
+        if table is None:
+            return
+        try:
+            rows.append(row(table, *args))
+        except UNREADABLE as err:
+            rows.append((f"{table.detector} on {table.prompt_set}", unreadable(table, err)))
+
+    for detector, row in (("first_token_sink", _rate_row), ("hidden_sink", _hidden_row),
+                          ("massive_activations", _massive_row)):  # fmt: skip
+        if detector == "first_token_sink" and not include_rates:
+            continue
+        for t in tables:
+            if t.detector == detector:
+                add(t, row)
     for detector, label in (("residual_peak", "residual-state peak"),
                             ("value_drain", "value-state drain")):  # fmt: skip
-        t = _find(tables, detector, "prose") or _find(tables, detector)
-        if t is not None:
-            flagged = t.flagged()["layer"].sort_values().tolist()
-            rows.append(
-                (f"{label} at position {t.params['position']} on {t.prompt_set}: layers",
-                 _format(flagged))
-            )  # fmt: skip
-    t = _find(tables, "active_dormant")
-    if t is not None:
-        rows.append(
-            (f"active-dormant heads over {t.prompt_set}", str(t.summary["n_active_dormant"]))
-        )
-    t = _find(tables, "massive_intervention")
-    if t is not None:
-        s = t.summary
-        rows.append(
-            (f"{t.prompt_set} perplexity, massive entries (layer {s['layer']}, dims "
-             f"{_format(s['dims'])}): untouched / mean / zero",
-             f"{s['ppl_original']:.2f} / {s['ppl_mean']:.2f} / {s['ppl_zero']:.4g}")
-        )  # fmt: skip
-    t = _find(tables, "streaming_window")
-    if t is not None:
-        s, p = t.summary, t.params
-        k = p["n_sink_tokens"]
-        rows.append(
-            (f"{t.prompt_set} perplexity past the window (T {p['seq_len']}, W {p['window']}): "
-             f"full / window 0 sinks / window {k} sinks",
-             f"{s['ppl_full_past_window']:.2f} / {s['ppl_window_0_sinks_past_window']:.4g} / "
-             f"{s[f'ppl_window_{k}_sinks_past_window']:.2f}")
-        )  # fmt: skip
+        add(_find(tables, detector, "prose") or _find(tables, detector), _position_row, label)
+    add(_find(tables, "active_dormant"), _dormant_row)
+    add(_find(tables, "massive_intervention"), _intervention_row)
+    add(_find(tables, "streaming_window"), _window_row)
     return rows
 
 
@@ -137,12 +213,11 @@ def sink_summary_table(rows: Sequence[tuple[str, str]], *, markdown: bool = Fals
     """The rows of ``sink_summary`` as a rich Table, or as Markdown text."""
     if markdown:
         lines = ["| quantity | value |", "|---|---|"]
-        return "\n".join(lines + [f"| {q} | {v} |" for q, v in rows])
-    table = Table(title="Attention sinks", min_width=60)
-    table.add_column("quantity")
-    table.add_column("value", justify="right")
+        cells = [f"| {_markdown_cell(q)} | {_markdown_cell(v)} |" for q, v in rows]
+        return "\n".join(lines + cells)
+    table = _new_table("Attention sinks", ("quantity", "value"), right=("value",))
     for row in rows:
-        table.add_row(*row)
+        _add_row(table, *row)
     return table
 
 
@@ -151,119 +226,145 @@ def _flagged_layers(table: LayerTable, *, all_rows_up_to: int = 12) -> Table:
     frame = table.frame
     shown = frame if len(frame) <= all_rows_up_to else table.flagged()
     order = table.summary.get("order")
-    out = Table(
-        title=f"{table.detector} on {table.prompt_set}: "
-        f"{int(frame['flagged'].sum())} of {len(frame)} layers flagged"
-        + (f"\nranking (flagged first): {_format(order)}" if order else ""),
-        min_width=60,
+    out = _new_table(
+        f"{table.detector} on {table.prompt_set}: "
+        f"{int(frame['flagged'].sum())} of {len(frame)} layers flagged",
+        ("layer", "score", "flagged"),
+        right=("score",),
     )
-    for column in ("layer", "score", "flagged"):
-        out.add_column(column, justify="right" if column == "score" else "left")
+    if order:
+        out.title.append(f"\n{plain(f'ranking (flagged first): {_format(order)}')}")
     for _, row in shown.iterrows():
-        out.add_row(f"L{row['layer']}", f"{row['score']:.4g}", "yes" if row["flagged"] else "")
+        _add_row(out, f"L{row['layer']}", f"{row['score']:.4g}", "yes" if row["flagged"] else "")
     return out
 
 
 def _families(table: HeadTable) -> Table:
     summary = table.summary
-    out = Table(
-        title=f"head families on {table.prompt_set}: {summary.get('n_families')} families, "
+    out = _new_table(
+        f"head families on {table.prompt_set}: {summary.get('n_families')} families, "
         f"mean silhouette {summary.get('silhouette', float('nan')):.3f}",
-        min_width=60,
+        ("family", "size", "defined by", "members"),
     )
-    for column in ("family", "size", "defined by", "members"):
-        out.add_column(column)
     for family in summary.get("families", []):
         members = family.get("members", [])
         more = family["size"] - len(members)
-        out.add_row(
-            str(family["family"]),
-            str(family["size"]),
+        _add_row(
+            out,
+            family["family"],
+            family["size"],
             family.get("name", ""),
-            ", ".join(members) + (f" (+{more})" if more > 0 else ""),
+            ", ".join(map(str, members)) + (f" (+{more})" if more > 0 else ""),
         )
     return out
 
 
 def _drop_curves(table: LayerTable) -> Table:
     summary = table.summary
-    out = Table(
-        title=f"drop simulation: held-out perplexity on {table.prompt_set} "
-        f"(baseline {summary['baseline_perplexity']:.3f}; random = mean of "
-        f"{table.params.get('n_random', '?')} orders)",
-        min_width=60,
-    )
-    out.add_column("dropped")
-    out.add_column("n")
     curves = summary["curves"]
     names = sorted({n for c in curves.values() for n, v in c.items() if isinstance(v, dict)
                     and "perplexity" in v})  # fmt: skip
     columns = [(name, "perplexity") for name in names]
     if any("median" in curve.get("random", {}) for curve in curves.values()):
         columns.append(("random", "median"))
-    for name, key in columns:
-        out.add_column(name if key == "perplexity" else f"{name} {key}", justify="right")
+    headers = [name if key == "perplexity" else f"{name} {key}" for name, key in columns]
+    out = _new_table(
+        f"drop simulation: held-out perplexity on {table.prompt_set} "
+        f"(baseline {summary['baseline_perplexity']:.3f}; random = mean of "
+        f"{table.params.get('n_random', '?')} orders)",
+        ["dropped", "n", *headers],
+        right=headers,
+    )
     for kind, curve in curves.items():
         for i, n in enumerate(curve["n_dropped"]):
             cells = [
                 f"{curve[name][key][i]:.3f}" if key in curve.get(name, {}) else ""
                 for name, key in columns
             ]
-            out.add_row(kind if i == 0 else "", str(n), *cells)
+            _add_row(out, kind if i == 0 else "", n, *cells)
     return out
 
 
 def _top_heads(table: HeadTable, n: int) -> Table:
-    out = Table(
-        title=f"{table.detector} on {table.prompt_set}: top {n} "
+    out = _new_table(
+        f"{table.detector} on {table.prompt_set}: top {n} "
         f"({int(table.frame['flagged'].sum())} of {len(table.frame)} flagged)",
-        min_width=60,
+        ("head", "score", "flagged"),
+        right=("score",),
     )
-    for column in ("head", "score", "flagged"):
-        out.add_column(column, justify="right" if column == "score" else "left")
     for _, row in table.top(n).iterrows():
-        out.add_row(
-            f"L{row['layer']}H{row['head']}", f"{row['score']:.4f}", "yes" if row["flagged"] else ""
-        )
+        _add_row(
+            out, f"L{row['layer']}H{row['head']}", f"{row['score']:.4f}",
+            "yes" if row["flagged"] else "",
+        )  # fmt: skip
     return out
+
+
+def _section(table: HeadTable | LayerTable, top: int) -> Any:
+    """The part of the report for one detector (its lead table), or a line saying why not."""
+    try:
+        if table.detector == "head_families":
+            return _families(table)
+        if table.detector == "drop_simulation":
+            return Group(_drop_curves(table), _flagged_layers(table))
+        if isinstance(table, HeadTable):
+            return _top_heads(table, top)
+        return _flagged_layers(table)
+    except UNREADABLE as err:
+        return _text(unreadable(table, err))
+
+
+def _objects(manifest: dict[str, Any], field: str) -> list[dict[str, Any]]:
+    """The JSON objects listed under ``field`` (a checked run lists nothing else)."""
+    items = manifest.get(field, [])
+    return [item for item in items if isinstance(item, dict)] if isinstance(items, list) else []
+
+
+def _header(manifest: dict[str, Any]) -> Text:
+    model = manifest.get("model", {})
+    model = model if isinstance(model, dict) else {}
+    arch = model.get("arch", {})
+    arch = arch if isinstance(arch, dict) else {}
+    sets = manifest.get("prompt_sets", [])
+    described = [
+        f"{p.get('name', '?')} ({p.get('n_prompts', '?')} x {p.get('lengths', '?')})"
+        if isinstance(p, dict) else str(p)
+        for p in (sets if isinstance(sets, list) else [])
+    ]  # fmt: skip
+    return Text.assemble(
+        ("headscope report", "bold"),
+        "  ",
+        plain(
+            f"model {model.get('spec', '?')}: {arch.get('n_layers', '?')} layers x "
+            f"{arch.get('n_heads', '?')} heads ({arch.get('n_kv_heads', '?')} KV heads)"
+        ),
+        "\n",
+        plain("prompt sets: " + ", ".join(described)),
+    )
 
 
 def build_report(
     manifest: dict[str, Any], tables: Sequence[HeadTable | LayerTable], *, top: int = 5
 ) -> Group:
-    model = manifest.get("model", {})
-    arch = model.get("arch", {})
-    header = Text.assemble(
-        ("headscope report", "bold"),
-        f"  model {model.get('spec', '?')}: {arch.get('n_layers', '?')} layers x "
-        f"{arch.get('n_heads', '?')} heads ({arch.get('n_kv_heads', '?')} KV heads)\n",
-        "prompt sets: "
-        + ", ".join(
-            f"{p['name']} ({p['n_prompts']} x {p['lengths']})"
-            for p in manifest.get("prompt_sets", [])
-        ),
-    )
-    parts: list[Any] = [header]
+    """The text report of a run as rich renderables (``console.print`` them).
+
+    Every string from the run is printed as text; a table whose summary is not
+    what its detector writes gets one line instead of its section.
+    """
+    parts: list[Any] = [_header(manifest)]
     if any(t.detector == "first_token_sink" for t in tables):
         parts.append(_sink_rates(tables))
     rows = sink_summary(tables, include_rates=False)
     if rows:
         parts.append(sink_summary_table(rows))
-    primary = {d["name"]: d["primary_prompt_set"] for d in manifest.get("detectors", [])}
+    primary = {d.get("name"): d.get("primary_prompt_set") for d in _objects(manifest, "detectors")}
     for detector in dict.fromkeys(t.detector for t in tables):
         own = [t for t in tables if t.detector == detector]
         lead = next((t for t in own if t.prompt_set == primary.get(detector)), own[0])
-        if detector == "head_families":
-            parts.append(_families(lead))
-        elif detector == "drop_simulation":
-            parts.append(_drop_curves(lead))
-            parts.append(_flagged_layers(lead))
-        elif isinstance(lead, HeadTable):
-            parts.append(_top_heads(lead, top))
-        elif detector != "massive_intervention":  # its one row is in the sink table
-            parts.append(_flagged_layers(lead))
-    for skipped in manifest.get("skipped", []):
-        parts.append(Text(f"skipped {skipped['detector']}: {skipped['reason']}"))
+        if detector != "massive_intervention":  # its one row is in the sink table
+            parts.append(_section(lead, top))
+    for skipped in _objects(manifest, "skipped"):
+        parts.append(_text(f"skipped {skipped.get('detector')}: {skipped.get('reason')}"))
     return Group(*parts)
 
 
@@ -290,13 +391,13 @@ def score_matrix(table: HeadTable, *, markdown: bool = False, digits: int = 3) -
     ]
     title = (
         f"{table.detector} on {table.prompt_set}, per head "
-        f"(* = flagged: {json.dumps(dict(table.params))})"
+        f"(* = flagged: {json.dumps(dict(table.params), default=str)})"
     )
     if markdown:
         lines = [f"| {' | '.join(header)} |", "|" + "---|" * len(header)]
         lines += [f"| {' | '.join(row)} |" for row in rows]
-        return title + "\n\n" + "\n".join(lines)
-    out = Table(title=title)
+        return _markdown_cell(title) + "\n\n" + "\n".join(lines)
+    out = Table(title=_text(title))
     for column in header:
         out.add_column(column, justify="right")
     for row in rows:

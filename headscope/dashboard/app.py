@@ -3,15 +3,21 @@
 The sidebar picks the run every page reads (from the runs folder named by
 HEADSCOPE_RUNS_DIR); each page is a file in ``views/``. Adding a page is one
 ``st.Page`` line below and one file.
+
+A page never shows a traceback: a HeadscopeError (a damaged run, a model that
+will not load) becomes an error panel with its one line, and so does, as a
+last resort, anything else a page raises (its traceback goes to the log).
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import streamlit as st
 
-from headscope.dashboard.data import RUN_KEY, run_summaries, runs_dir
+from headscope.dashboard.data import RUN_KEY, md, run_summaries, runs_dir, show_error
+from headscope.errors import HeadscopeError
 
 VIEWS = Path(__file__).parent / "views"
 PAGES = [
@@ -42,6 +48,12 @@ with st.sidebar:
                                        if s["path"] == p),
         )  # fmt: skip
     else:
-        st.caption(f"no runs under {runs_dir()}")
+        st.caption(f"no runs under {md(runs_dir())}")
 
-navigation.run()
+try:
+    navigation.run()
+except HeadscopeError as err:
+    show_error(err)
+except Exception as err:  # noqa: BLE001 - a damaged run can fail a page anywhere
+    logging.getLogger("headscope.dashboard").exception("page failed")
+    show_error(f"This page failed: {type(err).__name__}: {err}")

@@ -7,17 +7,23 @@ Cache keys: a run by its resolved path and its manifest's modification time
 (a re-scanned run is re-read); a model by spec and device (the dtype is
 always float32 here, see ``load_model``); an attention pattern by model spec,
 device, prompt text and layer.
+
+A run's strings (its name, model spec, prompt-set and detector names,
+descriptions, error messages that quote them) are data: every element that
+renders Markdown gets them through ``md``, which escapes them to show as typed.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import streamlit as st
 
 from headscope.errors import HeadscopeError
+from headscope.report import UNREADABLE, plain, unreadable
 
 RUNS_DIR_ENV = "HEADSCOPE_RUNS_DIR"
 RUN_KEY, COMPARE_KEY, HEAD_KEY = "run", "compare_run", "head"
@@ -26,6 +32,37 @@ SINK_DETECTORS = (
     "first_token_sink", "hidden_sink", "massive_activations", "value_drain", "residual_peak",
     "active_dormant", "massive_intervention", "streaming_window",
 )  # fmt: skip
+
+
+#: every ASCII punctuation character: CommonMark lets each be backslash-escaped,
+#: which covers emphasis, links, images, code, HTML tags, tables, math and directives
+_MARKDOWN_SPECIAL = re.compile(r"([!-/:-@\[-`{-~])")
+
+
+def md(value: object) -> str:
+    """``value`` as Markdown that renders as its literal text, on one line.
+
+    For st.title/header/caption/error/info/tabs and any other element that
+    renders Markdown; tables (st.dataframe) and st.text/st.code need no escaping.
+    """
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", plain(value))
+
+
+def show_error(message: object) -> None:
+    """An error panel with one line of literal text."""
+    st.error(md(message))
+
+
+def table_figures(table) -> list:
+    """``figures_for(table)``; an error line instead when its summary or evidence is
+    not what its detector writes (a hand-edited run)."""
+    from headscope.plots import figures_for
+
+    try:
+        return figures_for(table)
+    except UNREADABLE as err:
+        show_error(unreadable(table, err))
+        return []
 
 
 def runs_dir() -> Path:
@@ -103,7 +140,7 @@ def current_run():
     """The run picked in the sidebar, or an error panel and a stop."""
     path = st.session_state.get(RUN_KEY)
     if not path:
-        st.info(f"No run selected. Pick one in the sidebar (runs folder: {runs_dir()}).")
+        st.info(f"No run selected. Pick one in the sidebar (runs folder: {md(runs_dir())}).")
         st.stop()
     return checked_run(path)
 
@@ -113,10 +150,10 @@ def checked_run(path: str):
     try:
         return opened_run(path)
     except HeadscopeError as err:
-        st.error(f"Cannot read the run {path}: {err}")
+        show_error(f"Cannot read the run {path}: {err}")
         st.stop()
     except Exception as err:  # noqa: BLE001 - a damaged file can fail in any reader
-        st.error(f"Cannot read the run {path}: {type(err).__name__}: {err}")
+        show_error(f"Cannot read the run {path}: {type(err).__name__}: {err}")
         st.stop()
 
 

@@ -8,14 +8,18 @@ rather than a traceback.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from streamlit.testing.v1 import AppTest
 
 from headscope.analyses.drop_simulation import run_drop_simulation
-from headscope.dashboard.data import RUNS_DIR_ENV
+from headscope.dashboard.data import RUNS_DIR_ENV, md
 from headscope.probes.models import load_model
+from headscope.report import plain
 from headscope.runs import open_run, write_run
 from headscope.scan import scan
 
@@ -142,3 +146,131 @@ def test_a_damaged_run_gives_an_error_panel_not_a_traceback(runs_dir, monkeypatc
 def test_no_runs_is_explained(monkeypatch, tmp_path):
     at = _visit(_app(tmp_path, monkeypatch, run=None), "runs")
     assert any("No runs under" in i.value for i in at.info)
+
+
+# --------------------------------------------------------------------------- run strings
+
+MARKUP = "**bold** [x](javascript:alert(1)) <b>x</b> `code` :red[red] $x$"
+#: elements that render Markdown; every run string in them must show as typed
+MARKDOWN_ELEMENTS = ("title", "header", "subheader", "caption", "markdown", "info", "warning",
+                     "error", "success")  # fmt: skip
+
+
+def _as_html(markdown: str) -> str:
+    """CommonMark with raw HTML let through: stricter than Streamlit, which drops raw HTML."""
+    from markdown_it import MarkdownIt
+
+    parser = MarkdownIt("commonmark", {"html": True}).enable(["table", "strikethrough"])
+    return parser.render(markdown)
+
+
+def _shown_text(markdown: str) -> str:
+    import html
+    import re
+
+    return html.unescape(re.sub(r"<[^>]+>", "", _as_html(markdown)))
+
+
+def _renders_literally(value: str) -> None:
+    rendered = _as_html(value)
+    for formed in ("<strong", "<em", "<a ", "<b>", "<code", "<img"):
+        assert formed not in rendered, (value, rendered)
+
+
+def _run_strings(at: AppTest) -> list[str]:
+    """Every Markdown-rendered string of the page that came from the run."""
+    values = [e.value for kind in MARKDOWN_ELEMENTS for e in getattr(at, kind)]
+    values += [tab.label for tab in at.tabs]
+    return [v for v in values if "bold" in v]
+
+
+@pytest.fixture(scope="module")
+def markup_runs(runs_dir, tmp_path_factory):
+    """A run whose model spec, run name, prompt sets, descriptions and skips are Markdown
+    and HTML, beside a plain one (so the Runs page compares the two)."""
+    import copy
+    import dataclasses
+
+    root = tmp_path_factory.mktemp("markup") / "runs"
+    llama = open_run(runs_dir / "llama")
+    manifest = copy.deepcopy(llama.manifest)
+
+    def rename(name):
+        return f"{name} {MARKUP}"
+
+    manifest["model"]["spec"] = f"spec {MARKUP}"
+    for prompt_set in manifest["prompt_sets"]:
+        prompt_set["name"], prompt_set["description"] = rename(prompt_set["name"]), MARKUP
+    for detector in manifest["detectors"]:
+        if detector.get("primary_prompt_set"):
+            detector["primary_prompt_set"] = rename(detector["primary_prompt_set"])
+    manifest["skipped"] = [{"detector": MARKUP, "reason": MARKUP}]
+
+    def hostile(table):
+        return dataclasses.replace(table, prompt_set=rename(table.prompt_set), description=MARKUP)
+
+    name = "**bold** [x](javascript:alert(1))"
+    write_run(
+        root / name, manifest=manifest, head_tables=[hostile(t) for t in llama.head_tables()],
+        layer_tables=[hostile(t) for t in llama.layer_tables()], tensors=llama.tensors(),
+        samples={f"sample {name}": llama.samples(llama.sample_names()[0])},
+    )  # fmt: skip
+    shutil.copytree(runs_dir / "llama", root / "plain")
+    return root, name
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_run_strings_render_as_text_not_markdown(markup_runs, monkeypatch, page):
+    root, name = markup_runs
+    at = _visit(_app(root, monkeypatch, run=name), page)
+    assert not at.error, [e.value for e in at.error]
+    strings = _run_strings(at)
+    for value in strings:
+        _renders_literally(value)
+    shown = " ".join(_shown_text(v) for v in strings)
+    expected = {
+        "overview": [f"Overview: spec {MARKUP}", f"skipped {MARKUP}: {MARKUP}"],
+        "sinks": [MARKUP],  # the tables' descriptions
+        "roles": [MARKUP],
+        "redundancy": [MARKUP],
+        "runs": [name],  # the compared runs' names
+    }.get(page, [])
+    for text in expected:
+        assert text in shown, (text, shown)
+
+
+def test_a_damaged_run_is_one_error_line_on_every_page(runs_dir, monkeypatch, tmp_path):
+    root = tmp_path / "runs"
+    shutil.copytree(runs_dir / "llama", root / "bad-field")
+    manifest = json.loads((root / "bad-field" / "manifest.json").read_text())
+    manifest["tables"][0]["n_heads"] = f"abc {MARKUP}"
+    (root / "bad-field" / "manifest.json").write_text(json.dumps(manifest))
+    for page in PAGES[1:]:
+        at = _visit(_app(root, monkeypatch, run="bad-field"), page)
+        assert len(at.error) == 1, page
+        _renders_literally(at.error[0].value)
+        assert "must be a positive integer, got 'abc **bold**" in _shown_text(at.error[0].value)
+
+
+def test_a_sample_without_patterns_is_an_error_line(runs_dir, monkeypatch, tmp_path):
+    import safetensors.torch
+    import torch
+
+    root = tmp_path / "runs"
+    shutil.copytree(runs_dir / "llama", root / "odd-sample")
+    for sample in (root / "odd-sample" / "samples").glob("*.safetensors"):
+        safetensors.torch.save_file({"tokens": torch.zeros(3, 3, dtype=torch.int64)}, sample)
+    at = _app(root, monkeypatch, run="odd-sample")
+    at.session_state["head"] = "L2H1"
+    at = _visit(at, "head")
+    assert len(at.error) == 1 and "does not hold a pattern" in _shown_text(at.error[0].value)
+    assert at.subheader[-1].value == "Attention on your own prompt"  # the rest of the page
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    text=st.text()
+    | st.text(alphabet=st.sampled_from(list("*_[]()<>`!#-+=|~:$&;\\ /.a1\n\t")), max_size=30)
+)
+def test_md_shows_any_text_as_typed(text):
+    assert _shown_text(md(text)).strip() == plain(text)

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import json
+import shlex
 
 import streamlit as st
 
 from headscope.dashboard.data import current_run, head_label, parse_head_label
 from headscope.exporters.prune import PrunePlan
+
+
+def _layer_order(order, n_layers: int) -> list[int]:
+    """The layers of a table's ``order`` summary that exist in the model."""
+    if not isinstance(order, list):
+        return []
+    return [o for o in order if isinstance(o, int) and not isinstance(o, bool) and
+            0 <= o < n_layers]  # fmt: skip
+
 
 run = current_run()
 spec = run.manifest.get("model", {}).get("spec", "MODEL")
@@ -28,6 +38,7 @@ if kind == "head ablation":
         top = st.number_input("top", 1, max(1, len(table.frame)), 3)
         best = table.top(int(top)).itertuples()
         suggested = [head_label(int(r.layer), int(r.head)) for r in best]
+        suggested = [label for label in suggested if label in labels]  # within the model
     heads = st.multiselect("heads", labels, default=suggested)
     method = st.selectbox("method", ["zero", "mean", "resample", "query_scale"])
     preview = {
@@ -38,14 +49,15 @@ if kind == "head ablation":
         "(mean/resample) and the model's shape",
     }  # fmt: skip
     command = (
-        f"headscope export ablation {','.join(heads)} --model {spec} "
+        f"headscope export ablation {','.join(heads)} --model {shlex.quote(str(spec))} "
         f"--method {method} --out exports/ablation"
         if heads
         else "# choose at least one head above"
     )
     name = "ablation.json"
 else:
-    orders = {t.detector: t.summary.get("order", []) for t in run.layer_tables()}
+    orders = {t.detector: _layer_order(t.summary.get("order"), n_layers)
+              for t in run.layer_tables()}  # fmt: skip
     by = st.selectbox("suggest from", ["(none)", *[k for k in orders if orders[k]]])
     attention_default: list[int] = []
     if by != "(none)":
@@ -59,7 +71,7 @@ else:
                      heads=tuple(parse_head_label(h) for h in heads))  # fmt: skip
     preview = {"format": "headscope-prune", "version": 1, "model": spec,
                "removed": plan.to_json()}  # fmt: skip
-    parts = [f"headscope export prune --model {spec} --out exports/pruned"]
+    parts = [f"headscope export prune --model {shlex.quote(str(spec))} --out exports/pruned"]
     if attention:
         parts.append(f"--attn-layers {','.join(map(str, plan.attention_layers))}")
     if blocks:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -13,10 +15,39 @@ from headscope.dashboard.data import (
     current_run,
     decoded_tokens,
     head_label,
+    md,
     parse_head_label,
+    show_error,
 )
 from headscope.errors import HeadscopeError
 from headscope.plots import attention_pattern
+
+
+def _fits(tensor, *sizes: int | None) -> bool:
+    """Whether ``tensor`` has len(sizes) dimensions, each larger than the given index
+    (None: any size)."""
+    return tensor.dim() == len(sizes) and all(
+        size is None or tensor.shape[i] > size for i, size in enumerate(sizes)
+    )
+
+
+def _sample_pattern(stored: dict, sample: str, layer: int, head: int):
+    """One head's [query, key] pattern of a stored sample and its token ids."""
+    patterns, tokens = stored.get("patterns"), stored.get("tokens")
+    if (
+        patterns is None
+        or tokens is None
+        or not _fits(tokens, None)
+        or not _fits(patterns, layer, head, None, None)
+        or patterns.shape[-1] != len(tokens)
+        or patterns.is_complex()
+    ):
+        raise HeadscopeError(
+            f"sample {sample!r} of run {run.path} does not hold a pattern [layer, head, query, "
+            f"key] for L{layer}H{head} and its tokens"
+        )
+    return patterns[layer, head].float().numpy(), [int(t) for t in tokens]
+
 
 run = current_run()
 arch = run.manifest.get("model", {}).get("arch", {})
@@ -57,14 +88,17 @@ if profiles and sets:
     figure = go.Figure()
     for prompt_set in sets:
         values = tensors.get(f"{prompt_set}/streaming/{statistic}")
-        if values is None or values.dim() != 3:
+        if values is None or not _fits(values, layer, head, None) or values.is_complex():
             continue
+        values = values.float()
         mine = values[layer, head].numpy()
-        figure.add_trace(go.Scatter(y=mine, mode="lines", name=f"{prompt_set}: {choice}"))
+        label = html.escape(prompt_set)
+        figure.add_trace(go.Scatter(y=mine, mode="lines", name=f"{label}: {choice}"))
         layer_mean = values[layer].mean(0).numpy()
         figure.add_trace(go.Scatter(y=layer_mean, mode="lines", line={"dash": "dot"},
-                                    name=f"{prompt_set}: layer {layer} mean"))  # fmt: skip
-    figure.update_layout(xaxis={"title": "query position"}, yaxis={"title": statistic})
+                                    name=f"{label}: layer {layer} mean"))  # fmt: skip
+    figure.update_layout(xaxis={"title": "query position"},
+                         yaxis={"title": html.escape(statistic)})  # fmt: skip
     st.plotly_chart(figure, key="profile")
 else:
     st.caption("This run has no streaming statistics (scan with a streaming detector).")
@@ -72,13 +106,15 @@ else:
 alphas = {
     name.split("/")[0]: value
     for name, value in tensors.items()
-    if name.endswith("/streaming/sink_alpha") and value.dim() == 4
-}
+    if name.endswith("/streaming/sink_alpha") and _fits(value, None, layer, head, 0)
+    and not value.is_complex()
+}  # fmt: skip
 if alphas:
     st.subheader("Distribution over prompts of its first-token sink score α_0")
     figure = go.Figure()
     for prompt_set, value in alphas.items():
-        figure.add_trace(go.Histogram(x=value[:, layer, head, 0].numpy(), name=prompt_set,
+        figure.add_trace(go.Histogram(x=value[:, layer, head, 0].float().numpy(),
+                                      name=html.escape(prompt_set),
                                       opacity=0.6, nbinsx=30))  # fmt: skip
     figure.update_layout(barmode="overlay", xaxis={"title": "α_0 per prompt"},
                          yaxis={"title": "prompts"})  # fmt: skip
@@ -86,21 +122,29 @@ if alphas:
 
 st.subheader("Attention on the run's sample prompts")
 samples = run.sample_names()
-if samples:
-    sample = st.selectbox("sample", samples)
-    stored = run.samples(sample)
-    pattern = stored["patterns"][layer, head].float().numpy()
-    token_ids = [int(t) for t in stored["tokens"]]
+sample = st.selectbox("sample", samples) if samples else None
+pattern = None
+if sample is None:
+    st.caption("No sample patterns stored (they come from the patterns capture).")
+else:
+    try:
+        pattern, token_ids = _sample_pattern(run.samples(sample), sample, layer, head)
+    except HeadscopeError as err:
+        show_error(err)
+if pattern is not None:
     words = [str(t) for t in token_ids]
     if st.toggle("show token texts (loads the model's tokenizer once)", key="decode"):
         spec = run.manifest.get("model", {}).get("spec", "")
         try:
-            with st.spinner(f"loading {spec}..."):
+            with st.spinner(f"loading {md(spec)}..."):
                 words = decoded_tokens(spec, "cpu", tuple(token_ids))
         except HeadscopeError as err:
-            st.error(str(err))
+            show_error(err)
+        except Exception as err:  # noqa: BLE001 - a run's token ids may not fit its model
+            show_error(f"cannot decode the sample's tokens with {spec}: {err}")
+    title = f"{choice} on the first '{html.escape(sample)}' prompt"
     st.plotly_chart(
-        attention_pattern(pattern, words, title=f"{choice} on the first '{sample}' prompt"),
+        attention_pattern(pattern, [html.escape(w) for w in words], title=title),
         key="sample_pattern",
     )
     received = pattern.sum(0)
@@ -111,8 +155,6 @@ if samples:
                       "attention received": received[top]}),
         hide_index=True,
     )  # fmt: skip
-else:
-    st.caption("No sample patterns stored (they come from the patterns capture).")
 
 st.subheader("Attention on your own prompt")
 st.caption("Computed through the TransformerLens bridge on demand (loads the model once).")
@@ -122,13 +164,14 @@ with st.form("own_prompt"):
 if submitted:
     spec = run.manifest.get("model", {}).get("spec", "")
     try:
-        with st.spinner(f"running {spec} on the prompt..."):
+        with st.spinner(f"running {md(spec)} on the prompt..."):
             result = attention_on_prompt(spec, "cpu", text, layer)
     except HeadscopeError as err:
-        st.error(str(err))
+        show_error(err)
     else:
         pattern = result["pattern"][head]
-        st.plotly_chart(attention_pattern(pattern, result["tokens"], title=f"{choice}"),
+        tokens = [html.escape(t) for t in result["tokens"]]
+        st.plotly_chart(attention_pattern(pattern, tokens, title=f"{choice}"),
                         key="own_pattern")  # fmt: skip
         received = pattern.sum(0)
         top = np.argsort(-received)[:8]

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import streamlit as st
 
-from headscope.dashboard.data import HEAD_KEY, current_run, head_label
+from headscope.dashboard.data import HEAD_KEY, current_run, head_label, md
 from headscope.plots import head_heatmap, layer_bars, role_census
 
 run = current_run()
 manifest = run.manifest
 model = manifest.get("model", {})
-st.title(f"Overview: {model.get('spec', run.name)}")
+st.title(f"Overview: {md(model.get('spec', run.name))}")
 arch = model.get("arch", {})
 columns = st.columns(4)
 for column, (label, key) in zip(
@@ -22,7 +22,7 @@ with st.expander("ArchInfo and run details"):
     st.json({"arch": arch, "timing": manifest.get("timing", {}),
              "prompt_sets": manifest.get("prompt_sets", [])}, expanded=False)  # fmt: skip
 for skipped in manifest.get("skipped", []):
-    st.caption(f"skipped {skipped['detector']}: {skipped['reason']}")
+    st.caption(md(f"skipped {skipped['detector']}: {skipped['reason']}"))
 
 head_tables, layer_tables = run.head_tables(), run.layer_tables()
 if not head_tables and not layer_tables:

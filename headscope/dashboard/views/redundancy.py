@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import streamlit as st
 
-from headscope.dashboard.data import current_run
+from headscope.dashboard.data import current_run, md, show_error
 from headscope.plots import drop_curves, layer_bars
+from headscope.report import UNREADABLE, unreadable
 
 REDUNDANCY = ("llm_drop_attention", "llm_drop_mlp", "llm_drop_block", "block_influence",
               "attention_similarity")  # fmt: skip
@@ -20,20 +21,26 @@ if not present and "drop_simulation" not in tables:
     st.stop()
 if "drop_simulation" in tables:
     simulation = tables["drop_simulation"]
-    st.plotly_chart(drop_curves(simulation), key="curves")
     summary = simulation.summary
-    st.caption(
-        f"Spearman(attention Sim, cost of dropping that attention alone) = "
-        f"{summary.get('spearman_attention_sim_vs_drop_cost', float('nan')):.2f}; "
-        f"Spearman(BI, cost of dropping that block alone) = "
-        f"{summary.get('spearman_block_influence_vs_drop_cost', float('nan')):.2f}"
-    )
+    try:
+        curves = drop_curves(simulation)
+        correlations = (
+            f"Spearman(attention Sim, cost of dropping that attention alone) = "
+            f"{summary.get('spearman_attention_sim_vs_drop_cost', float('nan')):.2f}; "
+            f"Spearman(BI, cost of dropping that block alone) = "
+            f"{summary.get('spearman_block_influence_vs_drop_cost', float('nan')):.2f}"
+        )
+    except UNREADABLE as err:
+        show_error(unreadable(simulation, err))
+    else:
+        st.plotly_chart(curves, key="curves")
+        st.caption(correlations)
     st.plotly_chart(layer_bars(simulation, title="NLL cost of dropping one attention layer"),
                     key="single")  # fmt: skip
 else:
     st.caption("No drop simulation in this run (opt-in: `--detectors drop_simulation`).")
 for name in present:
     table = tables[name]
-    st.subheader(name)
-    st.caption(f"{table.description}. Ranking: {table.summary.get('order', [])}")
+    st.subheader(md(name))
+    st.caption(md(f"{table.description}. Ranking: {table.summary.get('order', [])}"))
     st.plotly_chart(layer_bars(table), key=f"bars_{name}")

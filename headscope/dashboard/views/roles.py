@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from headscope.dashboard.data import SINK_DETECTORS, current_run
-from headscope.plots import figures_for
+from headscope.dashboard.data import SINK_DETECTORS, current_run, md, table_figures
 
 run = current_run()
 st.title("Head roles")
@@ -17,8 +16,8 @@ if not tables:
 labels = [f"{t.detector} on {t.prompt_set}" for t in tables]
 choice = st.selectbox("table", range(len(tables)), format_func=labels.__getitem__)
 table = tables[choice]
-st.caption(table.description)
-for j, figure in enumerate(figures_for(table)):
+st.caption(md(table.description))
+for j, figure in enumerate(table_figures(table)):
     st.plotly_chart(figure, key=f"role_{choice}_{j}")
 st.subheader("Flagged heads")
 flagged = table.flagged()

@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import html
+import shlex
+
 import numpy as np
 import pandas as pd
 import streamlit as st
 
-from headscope.dashboard.data import COMPARE_KEY, RUN_KEY, checked_run, run_summaries, runs_dir
+from headscope.dashboard.data import (
+    COMPARE_KEY,
+    RUN_KEY,
+    checked_run,
+    md,
+    run_summaries,
+    runs_dir,
+)
 from headscope.plots import head_heatmap
 
 st.title("Runs")
 summaries = run_summaries(str(runs_dir()))
 if not summaries:
     st.info(
-        f"No runs under {runs_dir()}. Make one with `headscope scan --out {runs_dir()}/NAME`, "
+        f"No runs under {md(runs_dir())}. Make one with the command below, "
         "or start the dashboard on another folder: `headscope dashboard FOLDER`."
     )
+    st.code(f"headscope scan --out {shlex.quote(str(runs_dir() / 'NAME'))}", language="bash")
     st.stop()
 st.dataframe(pd.DataFrame(summaries).drop(columns=["path"]), hide_index=True)
 st.caption("The run every page reads is picked in the sidebar.")
@@ -45,7 +56,7 @@ def _describe(run) -> dict:
 columns = st.columns(2)
 for column, run in zip(columns, (left, right), strict=True):
     with column:
-        st.subheader(run.name)
+        st.subheader(md(run.name))
         st.json(_describe(run))
 
 left_tables = {(t.detector, t.prompt_set): t for t in left.head_tables()}
@@ -57,8 +68,8 @@ if not shared:
 key = st.selectbox("head table", shared, format_func=lambda k: f"{k[0]} on {k[1]}")
 a, b = left_tables[key], right_tables[key]
 columns = st.columns(2)
-columns[0].plotly_chart(head_heatmap(a, title=f"{left.name}"), key="compare_left")
-columns[1].plotly_chart(head_heatmap(b, title=f"{right.name}"), key="compare_right")
+columns[0].plotly_chart(head_heatmap(a, title=html.escape(left.name)), key="compare_left")
+columns[1].plotly_chart(head_heatmap(b, title=html.escape(right.name)), key="compare_right")
 if a.matrix().shape == b.matrix().shape:
     difference = b.matrix() - a.matrix()
     st.metric("largest change of a head's score", f"{np.nanmax(np.abs(difference)):.4g}")

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from headscope.dashboard.data import SINK_DETECTORS, current_run
-from headscope.plots import figures_for
+from headscope.dashboard.data import SINK_DETECTORS, current_run, md, table_figures
 from headscope.report import sink_summary
 
 run = current_run()
@@ -20,10 +19,10 @@ rows = sink_summary(tables)
 if rows:
     st.dataframe(pd.DataFrame(rows, columns=["quantity", "value"]), hide_index=True)
 detectors = list(dict.fromkeys(t.detector for t in tables))
-tabs = st.tabs(detectors)
+tabs = st.tabs([md(d) for d in detectors])
 for tab, detector in zip(tabs, detectors, strict=True):
     with tab:
         for i, table in enumerate(t for t in tables if t.detector == detector):
-            st.caption(table.description)
-            for j, figure in enumerate(figures_for(table)):
+            st.caption(md(table.description))
+            for j, figure in enumerate(table_figures(table)):
                 st.plotly_chart(figure, key=f"{detector}_{i}_{j}")
