@@ -99,18 +99,20 @@ def test_arch_info_is_json_serialisable(tiny_llama):
 
 
 def test_a_corrupt_weight_cache_entry_is_dropped_not_fatal(tmp_path, monkeypatch):
-    from headscope.probes import models
+    """More in test_weight_cache.py; here the loader's own read and publish."""
+    from headscope.probes import models, weight_cache
 
-    monkeypatch.setenv("HEADSCOPE_CACHE", str(tmp_path))
-    entry = tmp_path / "models" / "some-key"
+    monkeypatch.setenv("HEADSCOPE_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "model.gguf"
+    source.write_bytes(b"stands in for a GGUF")
+    key = weight_cache.key_for("some-model", [source])
     handle = load_model("tiny:llama")
-    handle.model.save_pretrained(entry)
-    handle.tokenizer.save_pretrained(entry)
-    (entry / models.CACHE_MARKER).write_text(json.dumps({"format": models.CACHE_FORMAT}))
-    model, _ = models._read_cache("some-key")
+    models._publish(key, handle.model, handle.tokenizer)
+    model, _ = models._read_cache(key)
     assert model.config.num_hidden_layers == 2
-    (entry / "model.safetensors").write_bytes(b"\x00" * 64)
-    assert models._read_cache("some-key") is None
-    assert not entry.exists()
-    (tmp_path / "models" / "no-marker").mkdir()
-    assert models._read_cache("no-marker") is None
+    (key.path / "model.safetensors").write_bytes(b"\x00" * 64)
+    assert models._read_cache(key) is None
+    assert not key.path.exists()
+    key.path.mkdir()  # a folder without a marker
+    assert models._read_cache(key) is None
+    assert not key.path.exists()
