@@ -269,6 +269,7 @@ def runs(
     root: Annotated[Path, typer.Argument(help="folder holding runs")] = Path("runs"),
 ) -> None:
     """List the runs under a folder, newest first."""
+    from headscope.report import plain
     from headscope.runs import list_runs
 
     found = list_runs(root)
@@ -280,11 +281,16 @@ def runs(
         table.add_column(column)
     for summary in found:
         table.add_row(
-            summary.name,
-            summary.model,
-            str(summary.created),
-            ", ".join(summary.prompt_sets),
-            ", ".join(summary.detectors),
+            *map(
+                plain,
+                (
+                    summary.name,
+                    summary.model,
+                    summary.created,
+                    ", ".join(summary.prompt_sets),
+                    ", ".join(summary.detectors),
+                ),
+            )
         )
     console.print(table)
 
@@ -391,7 +397,7 @@ def export_ablation(
         else:
             chosen = parse_heads(heads)
         with OutputFolder(out, ABLATION_FOLDER, force=force) as folder:
-            handle = load_model(model or DEFAULT_MODEL)
+            handle = load_model(DEFAULT_MODEL if model is None else model)
             check_heads(chosen, handle.arch)
             if method == "mean":
                 ablation = mean_ablation(
@@ -472,9 +478,10 @@ def export_prune(
     force: Annotated[bool, typer.Option(help="replace an existing folder at --out")] = False,
 ) -> None:
     """Write a pruned checkpoint (blocks removed, attention layers zeroed) and prune.json."""
-    from headscope.checks import check_batch_size, check_count
+    from headscope.checks import check_count
     from headscope.exporters.prune import (
         PRUNE_FOLDER,
+        check_prune_request,
         choose_plan,
         export_pruned,
         orders_from_run,
@@ -486,11 +493,12 @@ def export_prune(
     try:
         chosen_heads = parse_heads(heads) if heads else ()
         explicit_attn, explicit_blocks = _layer_list(attn_layers), _layer_list(blocks)
-        check_batch_size(batch_size)
-        check_count(calibration_prompts, "--calibration-prompts")
+        check_prune_request(
+            n_attention=drop_attn, n_blocks=drop_blocks, order=order,
+            attention_layers=explicit_attn, blocks=explicit_blocks, heads=chosen_heads,
+            calibration_prompts=calibration_prompts, batch_size=batch_size,
+        )  # fmt: skip
         check_count(eval_prompts, "--eval-prompts")
-        check_count(drop_attn, "--drop-attn", minimum=0)
-        check_count(drop_blocks, "--drop-blocks", minimum=0)
         run_orders = None
         if from_run is not None:
             run_model, run_orders = orders_from_run(from_run)
@@ -500,7 +508,7 @@ def export_prune(
                 )
             model = run_model
         with OutputFolder(out, PRUNE_FOLDER, force=force) as folder:
-            handle = load_model(model or DEFAULT_MODEL)
+            handle = load_model(DEFAULT_MODEL if model is None else model)
             plan = choose_plan(
                 handle, n_attention=drop_attn, n_blocks=drop_blocks, order=order,
                 attention_layers=explicit_attn, blocks=explicit_blocks, heads=chosen_heads,

@@ -10,6 +10,7 @@ one entry in ``SPECIAL_FIGURES``.
 
 from __future__ import annotations
 
+import html
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -25,7 +26,8 @@ FLAG_COLOR, PLAIN_COLOR = "#d62728", "#1f77b4"
 
 
 def _title(table: HeadTable | LayerTable) -> str:
-    return f"{table.detector} on {table.prompt_set}"
+    """Plotly reads titles as HTML: a run's names are escaped so "<b>" stays text."""
+    return html.escape(f"{table.detector} on {table.prompt_set}")
 
 
 def head_heatmap(
@@ -142,7 +144,7 @@ def drop_curves(table: LayerTable) -> go.Figure:
         figure.update_yaxes(title_text="perplexity", type="log", row=1, col=column)
     baseline = table.summary.get("baseline_perplexity")
     figure.update_layout(
-        title=f"drop simulation on {table.prompt_set}"
+        title=html.escape(f"drop simulation on {table.prompt_set}")
         + (f" (baseline {baseline:.3f})" if baseline else ""),
         height=420,
     )

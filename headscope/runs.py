@@ -347,6 +347,16 @@ class Run:
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r})"
 
+    def model_spec(self) -> str:
+        """The spec of the model that made this run (raises when the run does not say)."""
+        model = self.manifest.get("model")
+        spec = model.get("spec") if isinstance(model, dict) else None
+        if not isinstance(spec, str) or not spec:
+            raise HeadscopeError(
+                f"run {self.path} does not record which model made it; give --model"
+            )
+        return spec
+
     @staticmethod
     def _rebuild(cls: type, rows: pd.DataFrame, entry: Mapping[str, Any], **extra: Any) -> Any:
         columns = HEAD_COLUMNS if cls is HeadTable else LAYER_COLUMNS

@@ -95,7 +95,7 @@ def heads_from_run(
             f"{role} in {run} scores {len(ranked)} heads; cannot take the top {top}"
         )
     heads = tuple((int(r.layer), int(r.head)) for r in ranked.head(top).itertuples())
-    return opened.manifest["model"]["spec"], heads
+    return opened.model_spec(), heads
 
 
 def spec_json(handle: ModelHandle, ablation: Ablation) -> dict[str, Any]:

@@ -49,6 +49,7 @@ PRUNE_FILE = "prune.json"
 CHECKPOINT_DIR = "checkpoint"
 FORMAT = "headscope-prune"
 FORMAT_VERSION = 1
+NOTHING_TO_PRUNE = "nothing to prune: give --drop-attn, --drop-blocks or --heads"
 PRUNE_FOLDER = FolderKind(
     name="headscope prune export",
     marker=PRUNE_FILE,
@@ -74,7 +75,7 @@ class PrunePlan:
     def check(self, handle: ModelHandle) -> None:
         n_layers = handle.arch.n_layers
         if not (self.attention_layers or self.blocks or self.heads):
-            raise HeadscopeError("nothing to prune: give --drop-attn, --drop-blocks or --heads")
+            raise HeadscopeError(NOTHING_TO_PRUNE)
         bad = [i for i in (*self.attention_layers, *self.blocks) if not 0 <= i < n_layers]
         if bad:
             raise HeadscopeError(f"layer(s) {bad} out of range: the model has {n_layers} layers")
@@ -225,16 +226,27 @@ def orders_from_run(run: str | Path) -> tuple[str, dict[str, dict[str, list[int]
             f"run {run} has no {', '.join(missing)} table; scan it with "
             "--detectors layer_redundancy, or leave out --from to measure here"
         )
-    bi_order = list(tables["block_influence"].summary["order"])
+    n_layers = len(tables["llm_drop_block"].frame)
+
+    def order_of(name: str) -> list[int]:
+        order = tables[name].summary.get("order")
+        if not (
+            isinstance(order, list)
+            and sorted(order) == list(range(n_layers))
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in order)
+        ):
+            raise HeadscopeError(
+                f"run {run}: the {name} table's summary has no drop order over its "
+                f"{n_layers} layers; re-scan with --detectors layer_redundancy"
+            )
+        return order
+
+    bi_order = order_of("block_influence")
     orders = {
-        "attention": {
-            "similarity": list(tables["llm_drop_attention"].summary["order"]),
-            "block_influence": bi_order,
-        },
-        "block": {"similarity": list(tables["llm_drop_block"].summary["order"]),
-                  "block_influence": bi_order},
-    }  # fmt: skip
-    return opened.manifest["model"]["spec"], orders
+        "attention": {"similarity": order_of("llm_drop_attention"), "block_influence": bi_order},
+        "block": {"similarity": order_of("llm_drop_block"), "block_influence": bi_order},
+    }
+    return opened.model_spec(), orders
 
 
 def measured_orders(
@@ -250,6 +262,32 @@ def measured_orders(
 
     prompts = handle.tokenize(calibration, n_prompts)
     return one_shot_orders(measure_layer_similarity(handle, prompts, batch_size=batch_size))
+
+
+def check_prune_request(
+    *,
+    n_attention: int = 0,
+    n_blocks: int = 0,
+    order: str = "similarity",
+    attention_layers: Sequence[int] = (),
+    blocks: Sequence[int] = (),
+    heads: Sequence[Head] = (),
+    calibration_prompts: int | None = 64,
+    batch_size: int = 8,
+) -> None:
+    """What ``choose_plan`` can check without the model (the CLI calls it before loading)."""
+    check_batch_size(batch_size)
+    check_count(calibration_prompts, "--calibration-prompts")
+    check_count(n_attention, "--drop-attn", minimum=0)
+    check_count(n_blocks, "--drop-blocks", minimum=0)
+    if order not in ORDERS:
+        raise HeadscopeError(f"unknown order '{order}'; choose one of {', '.join(ORDERS)}")
+    if (n_attention and attention_layers) or (n_blocks and blocks):
+        raise HeadscopeError("give a count (--drop-attn/--drop-blocks) or a list, not both")
+    if not (n_attention or n_blocks or attention_layers or blocks or heads):
+        raise HeadscopeError(NOTHING_TO_PRUNE)
+    if any(layer < 0 for layer in (*attention_layers, *blocks)):
+        raise HeadscopeError(f"layers are numbered from 0; got {[*attention_layers, *blocks]}")
 
 
 def choose_plan(
@@ -273,12 +311,11 @@ def choose_plan(
     """
     from headscope.analyses.drop_simulation import iterative_order
 
-    check_batch_size(batch_size)
-    check_count(calibration_prompts, "--calibration-prompts")
-    if order not in ORDERS:
-        raise HeadscopeError(f"unknown order '{order}'; choose one of {', '.join(ORDERS)}")
-    if (n_attention and attention_layers) or (n_blocks and blocks):
-        raise HeadscopeError("give a count (--drop-attn/--drop-blocks) or a list, not both")
+    check_prune_request(
+        n_attention=n_attention, n_blocks=n_blocks, order=order,
+        attention_layers=attention_layers, blocks=blocks, heads=heads,
+        calibration_prompts=calibration_prompts, batch_size=batch_size,
+    )  # fmt: skip
     n_layers = handle.arch.n_layers
     if n_attention < 0 or n_blocks < 0 or n_attention > n_layers or n_blocks >= n_layers:
         raise HeadscopeError(

@@ -133,11 +133,20 @@ def test_bert_blocks_cannot_be_pruned(tmp_path):
     assert not (tmp_path / "p").exists()
 
 
-def test_an_existing_folder_needs_force(tmp_path):
+def test_an_existing_export_needs_force_and_a_users_folder_is_never_replaced(tmp_path):
     handle = load_model("tiny:llama")
-    (tmp_path / "p").mkdir()
-    with pytest.raises(HeadscopeError, match="already exists"):
-        export_pruned(handle, PrunePlan(attention_layers=(0,)), tmp_path / "p")
+    plan = PrunePlan(attention_layers=(0,))
+    first = export_pruned(handle, plan, tmp_path / "p", eval_prompt_set=None)
+    with pytest.raises(HeadscopeError, match="already holds a headscope prune export"):
+        export_pruned(handle, plan, tmp_path / "p", eval_prompt_set=None)
+    export_pruned(handle, PrunePlan(blocks=(1,)), tmp_path / "p", force=True, eval_prompt_set=None)
+    assert json.loads((first.folder / "prune.json").read_text())["removed"]["blocks"] == [1]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "prune.json").write_text('{"format": "headscope-prune", "version": 1}')
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    with pytest.raises(HeadscopeError, match="holds files headscope did not write"):
+        export_pruned(handle, plan, tmp_path / "mine", force=True, eval_prompt_set=None)
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
 
 
 # ------------------------------------------------------------------ drop simulation
