@@ -205,3 +205,39 @@ def test_a_lock_left_by_a_killed_writer_does_not_block(tmp_path):
     write(out, "new")
     assert (out / "data.bin").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
+
+
+def test_an_unwritable_parent_is_refused_before_anything_is_made(tmp_path, monkeypatch):
+    real_access = os.access
+    monkeypatch.setattr(
+        outputs.os, "access", lambda p, mode: False if Path(p) == tmp_path else real_access(p, mode)
+    )
+    with pytest.raises(OutputError, match=f"{tmp_path} is not writable"):
+        write(tmp_path / "a" / "x", "new")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_is_one_error_line_and_leaves_nothing(tmp_path, monkeypatch):
+    import safetensors.torch
+    from typer.testing import CliRunner
+
+    from headscope.cli import app
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "run"))
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    result = CliRunner().invoke(
+        app,
+        ["scan", "--model", "tiny:llama", "--prompts", "prose", "--n-prompts", "2",
+         "--seq-len", "8", "--detectors", "first_token_sink", "--no-report",
+         "--out", str(tmp_path / "run")],
+    )  # fmt: skip
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert all(line.startswith("scan ") for line in lines[:-1]), lines  # progress bars
+    assert lines[-1:] == [
+        f"error: cannot read or write {tmp_path / 'run'}: No space left on device; "
+        "check the path, its permissions and the free disk space"
+    ]
+    assert list(tmp_path.iterdir()) == []
