@@ -264,10 +264,12 @@ def ends_cleanly(template: Path, args: list[str]) -> None:
     )
     assert "Traceback" not in stderr, (args, stderr)
     if result.exit_code == 1:
-        error_lines = [line for line in stderr.splitlines() if line.strip()]
-        error_lines = [line for line in error_lines if not line.startswith("warning:")]
-        assert len(error_lines) == 1 and error_lines[0].startswith("error: "), (args, stderr)
-        assert "internal error" not in error_lines[0], (args, stderr)
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        errors = [line for line in lines if line.startswith("error: ")]
+        assert len(errors) == 1 and lines[-1] == errors[0], (args, stderr)
+        others = [line for line in lines[:-1] if not line.startswith(("warning: ", "scan "))]
+        assert others == [], (args, stderr)  # only warnings and progress bars before it
+        assert "internal error" not in errors[0], (args, stderr)
         assert changes(before, after) == set(), (args, changes(before, after))
         return
     out = out_of(args, root)
