@@ -1,102 +1,22 @@
 """The ``headscope`` command line: parse, call the Python API, print with rich.
 
-Every user error surfaces as a HeadscopeError: one line on stderr, exit code 1,
-no traceback (set HEADSCOPE_DEBUG=1 to see it).
+Commands raise; ``cli_errors.OneLineErrors`` turns every failure into one
+``error:`` line and exit status 1 (HEADSCOPE_DEBUG=1 shows the traceback).
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Annotated
 
 import typer
-import typer.core
 from rich.console import Console
 from rich.table import Table
-from rich.text import Text
 
+from headscope.cli_errors import OneLineErrors, errors
 from headscope.errors import HeadscopeError
-
-
-def _one_line(text: str) -> str:
-    """``text`` as one printable line: control characters escaped, any byte the
-    terminal cannot take (a file name that is not UTF-8) backslash-escaped."""
-    escaped = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-    return escaped.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _is_out_of_memory(err: BaseException) -> bool:
-    if isinstance(err, MemoryError):
-        return True
-    message = str(err).lower()
-    return isinstance(err, RuntimeError) and (
-        "out of memory" in message or "can't allocate memory" in message
-    )
-
-
-def _user_message(err: BaseException) -> str | None:
-    """The one line a user sees for ``err``; None for a bug (shown as an internal error)."""
-    if isinstance(err, HeadscopeError):
-        return str(err)
-    if isinstance(err, typer.TyperException):  # click's errors: a bad option or argument
-        hint = ""
-        context = getattr(err, "ctx", None)
-        if context is not None:
-            hint = f" (see `{context.command_path} --help`)"
-        return err.format_message() + hint
-    if isinstance(err, OSError):
-        where = f" {err.filename}" if err.filename else ""
-        reason = err.strerror or str(err) or type(err).__name__
-        return (
-            f"cannot read or write{where}: {reason}; check the path, its permissions "
-            "and the free disk space"
-        )
-    if _is_out_of_memory(err):
-        return (
-            f"ran out of memory ({' '.join(str(err).split())[:120]}); use a shorter --seq-len, "
-            "a smaller --batch-size, or only streaming detectors"
-        )
-    return None
-
-
-def _one_line_warning(message, category, filename, lineno, line=None) -> str:
-    return f"warning: {_one_line(str(message))}\n"
-
-
-class _OneLineErrors(typer.core.TyperGroup):
-    """Every failure ends as one ``error:`` line on stderr and exit status 1.
-
-    A user error (HeadscopeError, a bad option, a disk or memory problem) says
-    what to do; anything else is a bug and says so. HEADSCOPE_DEBUG=1 shows the
-    traceback instead.
-    """
-
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        warnings.formatwarning = _one_line_warning
-        try:
-            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-            code = result if isinstance(result, int) else 0
-        except (KeyboardInterrupt, typer.Abort):
-            _print_error("interrupted; nothing was left half-written")
-            code = 130
-        except Exception as err:
-            if os.environ.get("HEADSCOPE_DEBUG"):
-                raise
-            message = _user_message(err)
-            if message is None:
-                message = (
-                    f"internal error, a bug in headscope ({type(err).__name__}: {err}); "
-                    "please report it with the output of HEADSCOPE_DEBUG=1"
-                )
-            _print_error(message)
-            code = 1
-        if standalone_mode:
-            sys.exit(code)
-        return code
-
 
 app = typer.Typer(
     name="headscope",
@@ -104,23 +24,11 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    cls=_OneLineErrors,
+    cls=OneLineErrors,  # every failure: one error: line, exit status 1
 )
 # No rich markup anywhere: model specs, paths and prompts are user text, and
 # "[/x]" in any of them would otherwise be read as markup (and raise).
 console = Console(markup=False, highlight=False)
-errors = Console(stderr=True, markup=False, highlight=False)
-
-
-def _print_error(message: str) -> None:
-    errors.print(Text("error: ", style="bold red") + Text(_one_line(message)), soft_wrap=True)
-
-
-def _fail(err: Exception) -> None:
-    if os.environ.get("HEADSCOPE_DEBUG"):
-        raise err
-    _print_error(str(err))
-    raise typer.Exit(1)
 
 
 @app.command()
@@ -234,34 +142,31 @@ def report(
     from headscope.report import build_report, score_matrix, sink_summary, sink_summary_table
     from headscope.runs import open_run
 
-    try:
-        if html is not None:
-            from headscope.html_report import write_html_report
+    if html is not None:
+        from headscope.html_report import write_html_report
 
-            written = write_html_report(run, html)
-            console.print(f"wrote {written} ({written.stat().st_size / 1e6:.1f} MB)")
-            return
-        opened = open_run(run)
-        tables = [*opened.head_tables(), *opened.layer_tables()]
-        if sinks:
-            summary = sink_summary_table(sink_summary(tables), markdown=markdown)
-            if markdown:
-                print(summary)
-            else:
-                console.print(summary)
-            return
-        if matrix is None:
-            console.print(build_report(opened.manifest, tables, top=top))
-            return
-        grid = score_matrix(
-            opened.head_table(matrix, prompt_set), markdown=markdown, digits=3 if markdown else 2
-        )
+        written = write_html_report(run, html)
+        console.print(f"wrote {written} ({written.stat().st_size / 1e6:.1f} MB)")
+        return
+    opened = open_run(run)
+    tables = [*opened.head_tables(), *opened.layer_tables()]
+    if sinks:
+        summary = sink_summary_table(sink_summary(tables), markdown=markdown)
         if markdown:
-            print(grid)
+            print(summary)
         else:
-            console.print(grid)
-    except HeadscopeError as err:
-        _fail(err)
+            console.print(summary)
+        return
+    if matrix is None:
+        console.print(build_report(opened.manifest, tables, top=top))
+        return
+    grid = score_matrix(
+        opened.head_table(matrix, prompt_set), markdown=markdown, digits=3 if markdown else 2
+    )
+    if markdown:
+        print(grid)
+    else:
+        console.print(grid)
 
 
 @app.command()
@@ -269,8 +174,8 @@ def runs(
     root: Annotated[Path, typer.Argument(help="folder holding runs")] = Path("runs"),
 ) -> None:
     """List the runs under a folder, newest first."""
-    from headscope.report import plain
     from headscope.runs import list_runs
+    from headscope.text import plain
 
     found = list_runs(root)
     if not found:
@@ -307,9 +212,9 @@ def dashboard(
     from headscope import dashboard as dashboard_package
 
     if not runs.is_dir():
-        _fail(HeadscopeError(f"no runs folder {runs}; make a run with `headscope scan --out`"))
+        raise HeadscopeError(f"no runs folder {runs}; make a run with `headscope scan --out`")
     if not 1 <= port <= 65535:
-        _fail(HeadscopeError(f"--port must be between 1 and 65535, got {port}"))
+        raise HeadscopeError(f"--port must be between 1 and 65535, got {port}")
     script = Path(dashboard_package.__file__).parent / "app.py"
     command = [
         sys.executable, "-m", "streamlit", "run", str(script),
@@ -379,42 +284,37 @@ def export_ablation(
     )
     from headscope.probes.models import DEFAULT_MODEL, load_model
 
-    try:
-        if (heads is None) == (from_run is None):
-            raise HeadscopeError("give the heads (e.g. L3H5,L12H0) or --from RUN --role NAME")
-        check_method(method)
-        check_count(reference_prompts, "--reference-prompts")
-        check_finite(epsilon, "--epsilon")
-        if from_run is not None:
-            if role is None:
-                raise HeadscopeError("--from needs --role: the detector whose top heads to take")
-            run_model, chosen = heads_from_run(from_run, role, top=top, prompt_set=prompt_set)
-            if model is not None and model != run_model:
-                raise HeadscopeError(
-                    f"run {from_run} was made with {run_model}, not {model}; drop --model"
-                )
-            model = run_model
-        else:
-            chosen = parse_heads(heads)
-        with OutputFolder(out, ABLATION_FOLDER, force=force) as folder:
-            handle = load_model(DEFAULT_MODEL if model is None else model)
-            check_heads(chosen, handle.arch)
-            if method == "mean":
-                ablation = mean_ablation(
-                    handle, chosen, prompt_set=reference, per_position=per_position,
-                    n_prompts=reference_prompts,
-                )  # fmt: skip
-            elif method == "resample":
-                ablation = resample_ablation(
-                    handle, chosen, prompt_set=reference, n_prompts=reference_prompts or 8
-                )
-            else:
-                ablation = Ablation(method=method, heads=chosen, epsilon=epsilon)
-            written = write_export(
-                handle, ablation, folder, checkpoint=None if checkpoint else False
+    if (heads is None) == (from_run is None):
+        raise HeadscopeError("give the heads (e.g. L3H5,L12H0) or --from RUN --role NAME")
+    check_method(method)
+    check_count(reference_prompts, "--reference-prompts")
+    check_finite(epsilon, "--epsilon")
+    if from_run is not None:
+        if role is None:
+            raise HeadscopeError("--from needs --role: the detector whose top heads to take")
+        run_model, chosen = heads_from_run(from_run, role, top=top, prompt_set=prompt_set)
+        if model is not None and model != run_model:
+            raise HeadscopeError(
+                f"run {from_run} was made with {run_model}, not {model}; drop --model"
             )
-    except HeadscopeError as err:
-        _fail(err)
+        model = run_model
+    else:
+        chosen = parse_heads(heads)
+    with OutputFolder(out, ABLATION_FOLDER, force=force) as folder:
+        handle = load_model(DEFAULT_MODEL if model is None else model)
+        check_heads(chosen, handle.arch)
+        if method == "mean":
+            ablation = mean_ablation(
+                handle, chosen, prompt_set=reference, per_position=per_position,
+                n_prompts=reference_prompts,
+            )  # fmt: skip
+        elif method == "resample":
+            ablation = resample_ablation(
+                handle, chosen, prompt_set=reference, n_prompts=reference_prompts or 8
+            )
+        else:
+            ablation = Ablation(method=method, heads=chosen, epsilon=epsilon)
+        written = write_export(handle, ablation, folder, checkpoint=None if checkpoint else False)
     names = ", ".join(f"L{layer}H{head}" for layer, head in chosen)
     console.print(f"{method} ablation of {names} on {handle.spec} -> {written.folder}")
     console.print(f"  spec:       {written.spec}")
@@ -490,37 +390,34 @@ def export_prune(
     from headscope.probes.ablation import parse_heads
     from headscope.probes.models import DEFAULT_MODEL, load_model
 
-    try:
-        chosen_heads = parse_heads(heads) if heads else ()
-        explicit_attn, explicit_blocks = _layer_list(attn_layers), _layer_list(blocks)
-        check_prune_request(
-            n_attention=drop_attn, n_blocks=drop_blocks, order=order,
+    chosen_heads = parse_heads(heads) if heads else ()
+    explicit_attn, explicit_blocks = _layer_list(attn_layers), _layer_list(blocks)
+    check_prune_request(
+        n_attention=drop_attn, n_blocks=drop_blocks, order=order,
+        attention_layers=explicit_attn, blocks=explicit_blocks, heads=chosen_heads,
+        calibration_prompts=calibration_prompts, batch_size=batch_size,
+    )  # fmt: skip
+    check_count(eval_prompts, "--eval-prompts")
+    run_orders = None
+    if from_run is not None:
+        run_model, run_orders = orders_from_run(from_run)
+        if model is not None and model != run_model:
+            raise HeadscopeError(
+                f"run {from_run} was made with {run_model}, not {model}; drop --model"
+            )
+        model = run_model
+    with OutputFolder(out, PRUNE_FOLDER, force=force) as folder:
+        handle = load_model(DEFAULT_MODEL if model is None else model)
+        plan = choose_plan(
+            handle, n_attention=drop_attn, n_blocks=drop_blocks, order=order,
             attention_layers=explicit_attn, blocks=explicit_blocks, heads=chosen_heads,
+            run_orders=run_orders, calibration=calibration,
             calibration_prompts=calibration_prompts, batch_size=batch_size,
         )  # fmt: skip
-        check_count(eval_prompts, "--eval-prompts")
-        run_orders = None
-        if from_run is not None:
-            run_model, run_orders = orders_from_run(from_run)
-            if model is not None and model != run_model:
-                raise HeadscopeError(
-                    f"run {from_run} was made with {run_model}, not {model}; drop --model"
-                )
-            model = run_model
-        with OutputFolder(out, PRUNE_FOLDER, force=force) as folder:
-            handle = load_model(DEFAULT_MODEL if model is None else model)
-            plan = choose_plan(
-                handle, n_attention=drop_attn, n_blocks=drop_blocks, order=order,
-                attention_layers=explicit_attn, blocks=explicit_blocks, heads=chosen_heads,
-                run_orders=run_orders, calibration=calibration,
-                calibration_prompts=calibration_prompts, batch_size=batch_size,
-            )  # fmt: skip
-            written = export_pruned(
-                handle, plan, folder, eval_prompt_set=eval_set,
-                eval_prompts=eval_prompts, batch_size=batch_size,
-            )  # fmt: skip
-    except HeadscopeError as err:
-        _fail(err)
+        written = export_pruned(
+            handle, plan, folder, eval_prompt_set=eval_set,
+            eval_prompts=eval_prompts, batch_size=batch_size,
+        )  # fmt: skip
     manifest = written.manifest
     removed = manifest["removed"]
     console.print(f"pruned {handle.spec} -> {written.folder}")

@@ -26,6 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 from headscope.analyses.tables import HeadTable, LayerTable
+from headscope.text import plain
 
 #: what formatting a table whose summary or params are not what its detector
 #: writes can raise (a missing key, a string where a number belongs, ...)
@@ -33,19 +34,7 @@ UNREADABLE = (
     KeyError, TypeError, ValueError, IndexError, AttributeError, ZeroDivisionError,
     OverflowError,
 )  # fmt: skip
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|])")
-
-
-def plain(value: Any) -> str:
-    """A value from a run as one line of plain text: runs of whitespace become one
-    space, other control characters (and bidi overrides) are shown as escapes."""
-    return _CONTROL.sub(_escaped, " ".join(str(value).split()))
-
-
-def _escaped(match: re.Match[str]) -> str:
-    code = ord(match.group())
-    return f"\\x{code:02x}" if code < 256 else f"\\u{code:04x}"
 
 
 def _text(value: Any) -> Text:

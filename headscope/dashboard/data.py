@@ -23,7 +23,8 @@ from typing import Any
 import streamlit as st
 
 from headscope.errors import HeadscopeError
-from headscope.report import UNREADABLE, plain, unreadable
+from headscope.report import UNREADABLE, unreadable
+from headscope.text import plain
 
 RUNS_DIR_ENV = "HEADSCOPE_RUNS_DIR"
 RUN_KEY, COMPARE_KEY, HEAD_KEY = "run", "compare_run", "head"

@@ -19,9 +19,9 @@ from streamlit.testing.v1 import AppTest
 from headscope.analyses.drop_simulation import run_drop_simulation
 from headscope.dashboard.data import RUNS_DIR_ENV, md
 from headscope.probes.models import load_model
-from headscope.report import plain
 from headscope.runs import open_run, write_run
 from headscope.scan import scan
+from headscope.text import plain
 
 APP = str(Path(__file__).parents[2] / "headscope" / "dashboard" / "app.py")
 PAGES = ("runs", "overview", "head", "sinks", "roles", "redundancy", "export")

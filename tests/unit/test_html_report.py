@@ -123,8 +123,9 @@ def test_every_run_string_is_escaped(valid_run, hostile_run):
     tags = _parsed(document)
     assert not [t for t, _ in tags.tags if t in ("img", "b")]
     assert not [(t, a) for t, attrs in tags.tags for a, _ in attrs if a.startswith("on")]
-    # the figures hold the payload (titles, labels), escaped so it cannot end their <script>
-    assert "\\u003cscript\\u003ealert(1)\\u003c\\u002fscript\\u003e" in document
+    # the figures hold the payload in their titles HTML-escaped (plotly reads titles as
+    # HTML, so it shows as text) and JSON-escaped so it cannot end their <script>
+    assert '"text":"previous_token &lt;script&gt;alert(1)&lt;\\u002fscript&gt; on' in document
     clean = _parsed(_report(valid_run))
     assert len(tags.scripts) == len(clean.scripts)
     assert {t for t, _ in tags.tags} <= {t for t, _ in clean.tags}  # no kind of tag added
