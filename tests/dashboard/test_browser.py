@@ -12,6 +12,12 @@ followed by every sidebar link. Full-page screenshots land in ``$HEADSCOPE_SCREE
 (default ``.pytest_cache/screenshots/``), with a ``pages.json`` summary (titles,
 info/warning panels, problems, seconds).
 
+Nothing here waits a fixed time for the page: every wait is for something the page or
+its websocket shows (a script run that answered every rerun the page asked for, the app's
+running state gone, every element drawn, no request in flight), so a slow
+machine only makes the test slower. The one bound is pytest-timeout's, per test, sized
+for a loaded machine; a dashboard process that dies fails the wait at once.
+
 Skips, with the reason, when Playwright or Chromium is missing, unless
 ``HEADSCOPE_REQUIRE_BROWSER=1`` (set by ``.ci/run`` once it installed Chromium), which
 turns the skip into a failure. ``HEADSCOPE_CHROMIUM`` names another Chromium binary.
@@ -40,7 +46,10 @@ try:
 except ImportError:  # pragma: no cover - depends on the environment
     sync_playwright = None
 
-pytestmark = pytest.mark.timeout(240)
+# The outer bound, per test (fixture setup included: the first test also scans the two
+# runs and starts the server). That first test took 65-105 s with the machine to itself
+# and up to ~145 s with two CPU-bound processes beside it on two cores: 600 s leaves 4x.
+pytestmark = pytest.mark.timeout(600)
 
 # url path of each page (Streamlit serves the default page, Runs, at "/").
 PAGES = {
@@ -56,8 +65,6 @@ DETECTORS = "previous_token,induction,first_token_sink,layer_redundancy,head_fam
 # Scanned in this order: the sidebar starts on the newest run, tiny-gpt2.
 RUNS = {"tiny": "tiny:llama:3", "tiny-gpt2": "tiny:gpt2:3"}
 VIEWPORT = {"width": 1400, "height": 900}
-SERVER_START_S = 60.0
-PAGE_RUN_S = 60.0
 # Opening a page by its own url, Streamlit's frontend first probes the endpoints under
 # that path (``/head/_stcore/health``) before falling back to the root: two harmless 404s.
 BENIGN_CONSOLE = re.compile(r"/[^/]+/_stcore/(health|host-config)$")
@@ -75,29 +82,21 @@ NOTES_JS = """() => [...document.querySelectorAll(
     '[data-testid="stAlertContentWarning"], [data-testid="stAlertContentInfo"]')]
   .map(e => e.getAttribute('data-testid').replace('stAlertContent', '').toLowerCase()
             + ': ' + e.innerText.slice(0, 300))"""
-# Installed before any page script: counts the script runs that end (the stApp element's
-# data-test-script-state turning to notRunning or compilationError).
-COUNT_RUNS_JS = """
-window.__headscopeRuns = 0;
-new MutationObserver(records => {
-  for (const r of records) {
-    const state = r.target.getAttribute('data-test-script-state');
-    if (r.target.getAttribute('data-testid') === 'stApp'
-        && (state === 'notRunning' || state === 'compilationError')) window.__headscopeRuns++;
-  }
-}).observe(document, {subtree: true, attributes: true,
-                      attributeFilter: ['data-test-script-state']});
-"""
-IDLE_JS = """() => {
+# The page is ready when Streamlit's running state is gone (stApp's data-test-script-state
+# is notRunning, or compilationError), no element is still loading its code (Streamlit's
+# Suspense fallback, stSkeleton) or left over from the previous run (data-stale), and
+# every Plotly chart has drawn its SVG.
+READY_JS = """() => {
   const state = document.querySelector('[data-testid="stApp"]')
     ?.getAttribute('data-test-script-state');
-  return state === 'notRunning' || state === 'compilationError';
+  return (state === 'notRunning' || state === 'compilationError')
+    && !document.querySelector('[data-testid="stSkeleton"], [data-stale="true"]')
+    && [...document.querySelectorAll('[data-testid="stPlotlyChart"]')]
+         .every(e => e.querySelector('.main-svg'));
 }"""
-# Drawn: no element still loading its code (Streamlit's Suspense fallback, stSkeleton) or
-# left over from the previous run (data-stale), and every Plotly chart has its SVG.
-DRAWN_JS = """() => !document.querySelector('[data-testid="stSkeleton"], [data-stale="true"]')
-  && [...document.querySelectorAll('[data-testid="stPlotlyChart"]')]
-       .every(e => e.querySelector('.main-svg'))"""
+# Two animation frames: the layout after a viewport change has been drawn.
+NEXT_PAINT_JS = "() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))"
+POLL_MS = 100  # how often a wait looks again (it never gives up: pytest-timeout does)
 
 
 def _unavailable(reason: str) -> None:
@@ -147,19 +146,34 @@ def start_server(command: list[str], log: Path) -> subprocess.Popen:
         )
 
 
-def wait_until_healthy(base_url: str, server: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + SERVER_START_S
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"the dashboard exited with {server.returncode}:\n{log.read_text()}")
+@dataclass
+class Dashboard:
+    """The server process the tests talk to, so that every wait can notice its death."""
+
+    process: subprocess.Popen
+    log: Path
+
+    def check_alive(self) -> None:
+        if self.process.poll() is not None:
+            pytest.fail(
+                f"the dashboard exited with {self.process.returncode}:\n{self.log.read_text()}"
+            )
+
+
+_DASHBOARD: Dashboard | None = None  # set while the module's server runs
+
+
+def wait_until_healthy(base_url: str, dashboard: Dashboard) -> None:
+    """Until the server answers its health check (or exits: then fail with its log)."""
+    while True:
+        dashboard.check_alive()
         try:
-            with urllib.request.urlopen(f"{base_url}/_stcore/health", timeout=2) as response:
+            with urllib.request.urlopen(f"{base_url}/_stcore/health", timeout=30) as response:
                 if response.status == 200:
                     return
         except OSError:
             pass
-        time.sleep(0.5)
-    pytest.fail(f"the dashboard did not answer within {SERVER_START_S:.0f} s:\n{log.read_text()}")
+        time.sleep(POLL_MS / 1000)
 
 
 def stop_server(server: subprocess.Popen) -> None:
@@ -193,78 +207,129 @@ class PageReport:
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
     screenshot: str = ""
+    script_runs: dict = field(default_factory=dict)  # ScriptRuns: requested, finished, ...
+
+
+@dataclass
+class ScriptRuns:
+    """Streamlit's script runs as the page's websocket shows them, read with Streamlit's
+    own protobuf classes: the page asks for a run with a BackMsg ``rerun_script`` (on
+    load, on a widget change, on a page link); the server starts each run with a ForwardMsg
+    ``new_session`` and ends it with ``script_finished``, whose status says whether the
+    run was cut short by the next one."""
+
+    requested: int = 0  # rerun_script messages the page sent
+    finished: int = 0  # runs that finished, not cut short
+    answered: int = 0  # requests sent before the start of the last run that finished
+    running: bool = False
+    started_after: int = 0  # requests sent before the start of the current run
+
+    def sent(self, payload: str | bytes) -> None:
+        from streamlit.proto.BackMsg_pb2 import BackMsg
+
+        if isinstance(payload, bytes) and _kind(BackMsg, payload)[0] == "rerun_script":
+            self.requested += 1
+
+    def received(self, payload: str | bytes) -> None:
+        from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
+
+        kind, message = _kind(ForwardMsg, payload) if isinstance(payload, bytes) else (None, None)
+        if kind == "new_session":
+            self.running = True
+            self.started_after = self.requested
+        elif kind == "script_finished":
+            self.running = False
+            if message.script_finished != ForwardMsg.FINISHED_EARLY_FOR_RERUN:
+                self.finished += 1
+                self.answered = self.started_after
+
+    def done_since(self, finished_before: int) -> bool:
+        """A run finished after ``finished_before`` runs, and it started after the page's
+        last request: nothing the page asked for is still to come."""
+        return (
+            not self.running and self.finished > finished_before and self.answered == self.requested
+        )
+
+
+def _kind(message_class, payload: bytes):
+    message = message_class()
+    try:
+        message.ParseFromString(payload)
+    except Exception:  # noqa: BLE001 - not one of Streamlit's messages: not counted
+        return None, None
+    return message.WhichOneof("type"), message
 
 
 class Tab:
     """A page in its own browser context that collects console errors and can tell
-    when Streamlit has finished a run."""
+    when Streamlit has finished what the page asked of it."""
 
     def __init__(self, browser) -> None:
         self.context = browser.new_context(viewport=VIEWPORT)
-        self.context.add_init_script(COUNT_RUNS_JS)
+        # No Playwright action or wait gives up on its own (its default is 30 s): a slow
+        # machine is no failure, and pytest-timeout bounds every test.
+        self.context.set_default_timeout(0)
+        self.context.set_default_navigation_timeout(0)
         self.page = self.context.new_page()
         self.console: list[str] = []
+        self.script_runs = ScriptRuns()
+        self.crashed = False
         self.requests = 0  # in flight (Playwright's networkidle fires once per page load)
         self.page.on("request", lambda _: self._count(1))
         self.page.on("requestfinished", lambda _: self._count(-1))
         self.page.on("requestfailed", lambda _: self._count(-1))
+        self.page.on("websocket", self._on_websocket)
         self.page.on("console", self._on_console)
         self.page.on("pageerror", lambda err: self.console.append(f"uncaught JavaScript: {err}"))
+        self.page.on("crash", lambda _: setattr(self, "crashed", True))
 
     def _count(self, step: int) -> None:
         self.requests += step
+
+    def _on_websocket(self, websocket) -> None:
+        websocket.on("framesent", self.script_runs.sent)
+        websocket.on("framereceived", self.script_runs.received)
 
     def _on_console(self, message) -> None:
         where = message.location.get("url", "")
         if message.type == "error" and not BENIGN_CONSOLE.search(where):
             self.console.append(f"console error: {message.text} ({where})")
 
-    def open(self, url: str) -> list[str]:
-        """Load ``url`` and wait for its first run; the problems met on the way."""
+    def open(self, url: str) -> None:
+        """Load ``url`` and wait for its first run."""
         self.page.goto(url, wait_until="load")
-        return self.settle(0)
+        self.settle(0)
 
-    def after(self, action) -> list[str]:
+    def after(self, action) -> None:
         """Do ``action`` (a click that reruns the script) and wait for that run to end."""
-        runs = self.runs()
+        finished = self.script_runs.finished
         action()
-        return self.settle(runs)
+        self.settle(finished)
 
-    def runs(self) -> int:
-        return self.page.evaluate("() => window.__headscopeRuns")
-
-    def settle(self, runs: int) -> list[str]:
-        """Wait until more than ``runs`` runs ended and no other starts within 0.3 s
-        (a widget can ask for a rerun as it mounts), every element is drawn and no request
-        is in flight for 0.2 s."""
-        deadline = time.monotonic() + PAGE_RUN_S
+    def settle(self, finished_before: int) -> None:
+        """Wait until a run ended after ``finished_before`` runs and no rerun the page
+        asked for is outstanding (a widget can ask for one as it mounts), the page shows
+        it (READY_JS) and no request is in flight. Never gives up (pytest-timeout does);
+        fails at once if the dashboard or the page dies."""
         try:
-            self.page.wait_for_function(
-                f"() => window.__headscopeRuns > {runs}", timeout=PAGE_RUN_S * 1000, polling=100
-            )
-            while True:
-                ended = self.runs()
-                self.page.wait_for_timeout(300)
-                if self.runs() == ended and self.page.evaluate(IDLE_JS):
-                    break
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError("the script kept rerunning")
-                self.page.wait_for_function(IDLE_JS, timeout=left * 1000, polling=100)
-            quiet = 0
-            while quiet < 2:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{self.requests} requests still in flight")
-                self.page.wait_for_function(DRAWN_JS, timeout=15_000, polling=100)
-                quiet = quiet + 1 if self.requests == 0 else 0
-                self.page.wait_for_timeout(100)
-        except Exception as err:  # noqa: BLE001 - reported, screenshot taken, then failed
-            app = self.page.locator('[data-testid="stApp"]')
-            states = [app.get_attribute(a) for a in ("data-test-script-state",
-                                                     "data-test-connection-state")]  # fmt: skip
-            return [f"did not settle ({type(err).__name__}: {str(err).splitlines()[0]}); "
-                    f"script, connection: {states}"]  # fmt: skip
-        return []
+            while not self._settled(finished_before):
+                if _DASHBOARD is not None:
+                    _DASHBOARD.check_alive()
+                if self.crashed:
+                    pytest.fail("the browser's page crashed")
+                self.page.wait_for_timeout(POLL_MS)  # Playwright delivers events meanwhile
+        except BaseException:
+            # pytest-timeout's failure lands here too: say what the wait was waiting for
+            print(f"waiting for the page to settle: {self.script_runs}, "
+                  f"{self.requests} requests in flight", file=sys.stderr)  # fmt: skip
+            raise
+
+    def _settled(self, finished_before: int) -> bool:
+        if not (self.script_runs.done_since(finished_before) and self.requests == 0):
+            return False
+        ready = self.page.evaluate(READY_JS)
+        # what Playwright delivered during that call (a rerun asked for, a request) counts
+        return ready and self.script_runs.done_since(finished_before) and self.requests == 0
 
     def titles(self) -> list[str]:
         return [t.strip() for t in self.page.locator('[data-testid="stMain"] h1').all_inner_texts()]
@@ -294,7 +359,7 @@ class Tab:
         size = {"width": VIEWPORT["width"], "height": min(max(int(height), VIEWPORT["height"]),
                                                           12_000)}  # fmt: skip
         self.page.set_viewport_size(size)
-        self.page.wait_for_timeout(300)
+        self.page.evaluate(NEXT_PAINT_JS)
         self.page.screenshot(path=str(path), full_page=True)
         self.page.set_viewport_size(VIEWPORT)
 
@@ -308,10 +373,11 @@ def visit(browser, name: str, url: str, screenshot: Path) -> PageReport:
     start = time.monotonic()
     tab = Tab(browser)
     try:
-        report.problems = tab.open(url)
-        report.problems += tab.problems(urlparse(url).path)
+        tab.open(url)
+        report.problems = tab.problems(urlparse(url).path)
         report.titles = tab.titles()
         report.notes = tab.page.evaluate(NOTES_JS)
+        report.script_runs = asdict(tab.script_runs)
         tab.screenshot(screenshot)
         report.screenshot = str(screenshot)
     finally:
@@ -327,7 +393,8 @@ def _record(name: str, url: str, tab: Tab, problems: list[str], folder: Path) ->
     path = folder / f"{name}.png"
     tab.screenshot(path)
     _REPORTS[name] = asdict(PageReport(name, url, tab.titles(), tab.page.evaluate(NOTES_JS),
-                                       problems, screenshot=str(path)))  # fmt: skip
+                                       problems, screenshot=str(path),
+                                       script_runs=asdict(tab.script_runs)))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -366,13 +433,16 @@ def dashboard_url(chromium_browser, runs_folder):
     log = runs_folder.parent / "dashboard.log"
     command = [*headscope_command(), "dashboard", str(runs_folder),
                "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-    server = start_server(command, log)
+    global _DASHBOARD
+    dashboard = Dashboard(start_server(command, log), log)
     try:
         base_url = f"http://127.0.0.1:{port}"
-        wait_until_healthy(base_url, server, log)
+        wait_until_healthy(base_url, dashboard)
+        _DASHBOARD = dashboard
         yield base_url
     finally:
-        stop_server(server)
+        _DASHBOARD = None
+        stop_server(dashboard.process)
 
 
 @pytest.fixture(scope="module")
@@ -398,23 +468,18 @@ def test_clicking_a_heatmap_cell_opens_that_head(chromium_browser, dashboard_url
     """Overview says "Click a head to open it on the Head page": click one."""
     tab = Tab(chromium_browser)
     try:
-        problems = tab.open(dashboard_url + "/overview")
+        tab.open(dashboard_url + "/overview")
+        problems = tab.problems("/overview")
         heatmap = tab.page.locator('[data-testid="stPlotlyChart"]:has(g.hm)').first
         heatmap.scroll_into_view_if_needed()
         box = heatmap.locator(".nsewdrag").first.bounding_box()
         # The tiny runs have 3 layers x 4 heads: the middle row is L1, the third column H2.
-        runs = tab.runs()
-        tab.page.mouse.click(box["x"] + box["width"] * 2.5 / 4, box["y"] + box["height"] / 2)
-        try:
-            tab.page.wait_for_function(
-                "() => location.pathname === '/head'", timeout=8_000, polling=100
-            )
-        except Exception:  # noqa: BLE001 - the assertion below says what happened
-            problems.append(f"clicking L1H2 on the first head heatmap left {tab.page.url} as is")
-        else:
-            problems += tab.settle(runs) + tab.problems("/head")
-            if tab.titles() != ["Head L1H2"]:
-                problems.append(f"the Head page shows {tab.titles()}, not Head L1H2")
+        x, y = box["x"] + box["width"] * 2.5 / 4, box["y"] + box["height"] / 2
+        # The click reruns Overview, which switches to the Head page: wait for all of it.
+        tab.after(lambda: tab.page.mouse.click(x, y))
+        problems += tab.problems("/head")
+        if tab.titles() != ["Head L1H2"]:
+            problems.append(f"the Head page shows {tab.titles()}, not Head L1H2")
         _record("overview-click", dashboard_url + "/overview", tab, problems, screenshots)
     finally:
         tab.close()
@@ -425,11 +490,13 @@ def test_attention_on_your_own_prompt(chromium_browser, dashboard_url, screensho
     """Head: the form runs the run's model on the prompt and draws one more chart."""
     tab = Tab(chromium_browser)
     try:
-        problems = tab.open(dashboard_url + "/head")
+        tab.open(dashboard_url + "/head")
+        problems = tab.problems("/head")
         charts = tab.page.locator('[data-testid="stPlotlyChart"]')
         before = charts.count()
         button = tab.page.get_by_role("button", name="show attention")
-        problems += tab.after(button.click) + tab.problems("/head")
+        tab.after(button.click)
+        problems += tab.problems("/head")
         if charts.count() != before + 1:
             problems.append(f"{charts.count()} charts after the submit, {before} before")
         _record("head-own-prompt", dashboard_url + "/head", tab, problems, screenshots)
@@ -444,17 +511,20 @@ def test_every_page_on_the_run_picked_in_the_sidebar(chromium_browser, dashboard
     tab = Tab(chromium_browser)
     problems: list[str] = []
     try:
-        problems += tab.open(dashboard_url + "/")
+        tab.open(dashboard_url + "/")
+        problems += tab.problems("/")
         page = tab.page
         picker = page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]')
         spec = next(spec for spec in RUNS.values() if f"({spec})" not in picker.inner_text())
         run_name = next(name for name, s in RUNS.items() if s == spec)
         picker.click()
         option = page.get_by_role("option", name=f"{run_name} ({spec})", exact=True)
-        problems += tab.after(option.click) + tab.problems("/")
+        tab.after(option.click)
+        problems += tab.problems("/")
         for name, path in [*list(PAGES.items())[1:], *list(PAGES.items())[:1]]:
             link = page.locator(f'[data-testid="stSidebarNavLink"][href="{dashboard_url}{path}"]')
-            found = tab.after(link.click) + tab.problems(path)
+            tab.after(link.click)
+            found = tab.problems(path)
             if name == "overview" and f"Overview: {spec}" not in tab.titles():
                 found.append(f"the overview shows {tab.titles()}, not the run picked")
             if found:
@@ -476,7 +546,7 @@ def test_the_html_report_opens_with_every_figure_drawn(chromium_browser, runs_fo
         tab.page.goto(report.as_uri(), wait_until="load")
         tab.page.wait_for_function(
             f"() => document.querySelectorAll('.js-plotly-plot .main-svg').length >= {expected}",
-            timeout=30_000,
+            polling=POLL_MS,
         )
         drawn = tab.page.evaluate("() => document.querySelectorAll('.js-plotly-plot').length")
         tab.page.screenshot(path=str(screenshots / "html-report.png"), full_page=True)
