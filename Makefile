@@ -51,7 +51,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check headscope tests benchmarks
 
 test: $(TEST_STAMP) lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -rs
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

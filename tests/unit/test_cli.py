@@ -23,8 +23,10 @@ def assert_clean_failure(result, expected):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error:") and expected in lines[0], lines[0]
-    # an uncaught exception would land here as itself, not as the SystemExit of typer.Exit(1)
+    # an uncaught exception lands here as itself, not as the SystemExit of typer.Exit(1);
+    # a bug the CLI catches says "internal error"
     assert result.exit_code == 1 and type(result.exception) is SystemExit, repr(result.exception)
+    assert "internal error" not in lines[0], lines[0]
 
 
 def test_scan_report_and_runs(tmp_path):

@@ -148,6 +148,7 @@ def test_cli_rejects_bad_heads_before_writing(tmp_path, args, message):
     assert type(result.exception) is SystemExit, repr(result.exception)  # not an uncaught error
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], lines
+    assert "internal error" not in lines[0], lines[0]
     assert not out.exists()
 
 

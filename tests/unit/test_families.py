@@ -144,7 +144,9 @@ def test_planted_families_are_recovered():
     first = table.frame["evidence"][0]
     assert set(first) >= {"family", "family_name", "x", "y", "features"}
     assert set(first["features"]) == set(table.params["features"])
-    assert len(summary["explained_variance"]) == 2 and sum(summary["explained_variance"]) <= 1
+    # three planted families span a plane: the 2-D embedding keeps almost all the variance
+    first, second = summary["explained_variance"]
+    assert first >= second > 0.05 and first + second > 0.99
     json.dumps(table.metadata())
     evidence_to_json(first)
 

@@ -19,6 +19,7 @@ from headscope.analyses.redundancy import (
     REDUNDANCY_TABLES,
     detect_layer_redundancy,
     redundancy_order,
+    redundancy_tables,
 )
 from headscope.errors import NotApplicable
 from headscope.probes.layer_similarity import measure_layer_similarity
@@ -51,6 +52,65 @@ def test_a_planted_identity_layer_is_ranked_most_redundant_everywhere(arch):
     )
     others = sim.drop(2)
     assert (others < 0.9999).all()  # the random layers really do move the residual
+
+
+def _decoder_layers(handle) -> list[torch.nn.Module]:
+    model = handle.model
+    return list(model.transformer.h if hasattr(model, "transformer") else model.model.layers)
+
+
+@torch.no_grad()
+def _block_influence_by_hand(handle, prompts) -> np.ndarray:
+    """ShortGPT's BI from the decoder layers' own inputs and outputs, one prompt at a time
+    (no padding), in float64: 1 - mean over every token of cos(h_l, h_l+1)."""
+    layers = _decoder_layers(handle)
+    cosines: list[list[torch.Tensor]] = [[] for _ in layers]
+    inputs: dict[int, torch.Tensor] = {}
+
+    def keep_input(i):
+        def hook(_module, args, kwargs):
+            inputs[i] = (args[0] if args else kwargs["hidden_states"]).double()
+
+        return hook
+
+    def compare_output(i):
+        def hook(_module, _args, output):
+            h_out = (output[0] if isinstance(output, tuple) else output).double()
+            cosines[i].append(F.cosine_similarity(inputs.pop(i), h_out, dim=-1).flatten())
+
+        return hook
+
+    handles = []
+    try:
+        for i, layer in enumerate(layers):
+            handles.append(layer.register_forward_pre_hook(keep_input(i), with_kwargs=True))
+            handles.append(layer.register_forward_hook(compare_output(i)))
+        for tokens in prompts.tokens:
+            handle.model(input_ids=torch.as_tensor(tokens)[None], use_cache=False)
+    finally:
+        for hook_handle in handles:
+            hook_handle.remove()
+    n_tokens = sum(len(t) for t in prompts.tokens)
+    assert all(sum(len(c) for c in per_layer) == n_tokens for per_layer in cosines)
+    return np.array([1.0 - float(torch.cat(per_layer).mean()) for per_layer in cosines])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_block_influence_equals_shortgpt_computed_by_hand(arch):
+    """BI and the block's Sim against hooks of our own on the decoder layers (no
+    ``output_hidden_states``, whose last entry is after the final norm), on prompts
+    of unequal lengths batched with padding."""
+    handle = load_model(f"tiny:{arch}:4")
+    prompts = _ragged(handle)
+    expected = _block_influence_by_hand(handle, prompts)
+    similarity = measure_layer_similarity(handle, prompts, batch_size=4)
+    tables = {t.detector: t for t in redundancy_tables(similarity)}
+    bi = tables["block_influence"].frame.set_index("layer")["score"].to_numpy()
+    sim = tables["llm_drop_block"].frame.set_index("layer")["score"].to_numpy()
+    np.testing.assert_allclose(bi, expected, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(sim, 1.0 - expected, atol=1e-6, rtol=0)
+    assert expected.min() > 1e-3  # random blocks turn the residual: not 0 against 0
+    assert tables["block_influence"].summary["order"] == list(np.argsort(expected, kind="stable"))
 
 
 def test_block_similarity_matches_hidden_states_but_not_the_final_normed_one():
