@@ -24,3 +24,17 @@ def smollm2():
     from headscope.probes.models import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A small valid run of tiny:llama (previous_token, first_token_sink on prose).
+    Shared: tests copy it before changing anything."""
+    import headscope
+
+    out = tmp_path_factory.mktemp("tiny-run") / "run"
+    headscope.scan(
+        "tiny:llama", prompts="prose", detectors="previous_token,first_token_sink",
+        n_prompts=4, seq_len=16, out=out, on_progress=False,
+    )  # fmt: skip
+    return out

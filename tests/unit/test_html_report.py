@@ -16,7 +16,6 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-import headscope
 import headscope.html_report as html_report
 from headscope.cli import app
 from headscope.errors import HeadscopeError
@@ -24,16 +23,6 @@ from headscope.html_report import REPORT_MARKER, build_html_report, write_html_r
 from headscope.runs import open_run
 
 PAYLOADS = ("<script>alert(1)</script>", '"><img src=x onerror=alert(1)>')
-
-
-@pytest.fixture(scope="module")
-def valid_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("valid") / "run"
-    headscope.scan(
-        "tiny:llama", prompts="prose", detectors="previous_token,first_token_sink",
-        n_prompts=4, seq_len=16, out=out, on_progress=False,
-    )  # fmt: skip
-    return out
 
 
 def _hostile(text: str, i: int = 0) -> str:
@@ -53,10 +42,10 @@ def _every_string(value: Any, counter: list[int]) -> Any:
 
 
 @pytest.fixture(scope="module")
-def hostile_run(valid_run, tmp_path_factory) -> Path:
+def hostile_run(tiny_run, tmp_path_factory) -> Path:
     """The valid run with a payload in every string of its manifest and rows."""
     run = tmp_path_factory.mktemp("hostile") / "run"
-    shutil.copytree(valid_run, run)
+    shutil.copytree(tiny_run, run)
     manifest = json.loads((run / "manifest.json").read_text())
     kept = {key: manifest[key] for key in ("schema_version", "format") if key in manifest}
     hostile = _every_string(manifest, [0])
@@ -115,7 +104,7 @@ def _report(path: Path) -> str:
     return build_html_report(run.manifest, [*run.head_tables(), *run.layer_tables()])
 
 
-def test_every_run_string_is_escaped(valid_run, hostile_run):
+def test_every_run_string_is_escaped(tiny_run, hostile_run):
     document = _report(hostile_run)
     for payload in PAYLOADS:
         assert payload not in document
@@ -126,34 +115,34 @@ def test_every_run_string_is_escaped(valid_run, hostile_run):
     # the figures hold the payload in their titles HTML-escaped (plotly reads titles as
     # HTML, so it shows as text) and JSON-escaped so it cannot end their <script>
     assert '"text":"previous_token &lt;script&gt;alert(1)&lt;\\u002fscript&gt; on' in document
-    clean = _parsed(_report(valid_run))
+    clean = _parsed(_report(tiny_run))
     assert len(tags.scripts) == len(clean.scripts)
     assert {t for t, _ in tags.tags} <= {t for t, _ in clean.tags}  # no kind of tag added
     assert "alert(1)" not in [s.strip() for s in tags.scripts]
 
 
-def test_the_report_carries_its_marker(valid_run):
-    assert REPORT_MARKER in _report(valid_run)[:500]
+def test_the_report_carries_its_marker(tiny_run):
+    assert REPORT_MARKER in _report(tiny_run)[:500]
 
 
 # --------------------------------------------------------------------------- writing
 
 
-def test_written_then_replaced_atomically(valid_run, tmp_path):
+def test_written_then_replaced_atomically(tiny_run, tmp_path):
     out = tmp_path / "report.html"
-    assert write_html_report(valid_run, out) == out
+    assert write_html_report(tiny_run, out) == out
     first = out.read_text()
     assert first.startswith("<!DOCTYPE html>") and REPORT_MARKER in first
     os.utime(out, (0, 0))
-    write_html_report(valid_run, out)  # a report headscope wrote is replaced
+    write_html_report(tiny_run, out)  # a report headscope wrote is replaced
     assert out.stat().st_mtime > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]  # no temporary left
 
 
-def test_a_report_from_before_the_marker_is_replaced(valid_run, tmp_path):
+def test_a_report_from_before_the_marker_is_replaced(tiny_run, tmp_path):
     out = tmp_path / "old.html"
     out.write_text("<!DOCTYPE html><html><head><meta charset='utf-8'><title>headscope: x</title>")
-    write_html_report(valid_run, out)
+    write_html_report(tiny_run, out)
     assert REPORT_MARKER in out.read_text()
 
 
@@ -169,7 +158,7 @@ def test_a_report_from_before_the_marker_is_replaced(valid_run, tmp_path):
         (lambda d: "", "empty report path"),
     ],
 )
-def test_refused_paths_touch_nothing(valid_run, tmp_path, make, expected):
+def test_refused_paths_touch_nothing(tiny_run, tmp_path, make, expected):
     (tmp_path / "folder").mkdir()
     (tmp_path / "afile").write_text("mine")
     (tmp_path / "notes.html").write_text("<html>my notes</html>")
@@ -177,7 +166,7 @@ def test_refused_paths_touch_nothing(valid_run, tmp_path, make, expected):
     os.mkfifo(tmp_path / "fifo")
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(HeadscopeError, match=expected) as info:
-        write_html_report(valid_run, make(tmp_path))
+        write_html_report(tiny_run, make(tmp_path))
     assert "\n" not in str(info.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert (tmp_path / "notes.html").read_text() == "<html>my notes</html>"
@@ -185,9 +174,9 @@ def test_refused_paths_touch_nothing(valid_run, tmp_path, make, expected):
 
 
 @pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
-def test_a_failed_write_leaves_the_old_report(valid_run, tmp_path, monkeypatch, failure):
+def test_a_failed_write_leaves_the_old_report(tiny_run, tmp_path, monkeypatch, failure):
     out = tmp_path / "report.html"
-    write_html_report(valid_run, out)
+    write_html_report(tiny_run, out)
     before = out.read_bytes()
 
     def fail(*args):
@@ -196,16 +185,16 @@ def test_a_failed_write_leaves_the_old_report(valid_run, tmp_path, monkeypatch, 
     monkeypatch.setattr(html_report.os, "fsync", fail)
     expected = HeadscopeError if isinstance(failure, OSError) else KeyboardInterrupt
     with pytest.raises(expected) as info:
-        write_html_report(valid_run, out)
+        write_html_report(tiny_run, out)
     if expected is HeadscopeError:
         assert str(info.value) == f"cannot write {out}: No space left on device"
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]
 
 
-def test_a_damaged_run_writes_nothing(valid_run, tmp_path):
+def test_a_damaged_run_writes_nothing(tiny_run, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(valid_run, run)
+    shutil.copytree(tiny_run, run)
     (run / "heads.parquet").write_bytes(b"PAR1")
     with pytest.raises(HeadscopeError, match="not a readable Parquet file"):
         write_html_report(run, tmp_path / "report.html")
@@ -223,9 +212,9 @@ def _one_error_line(result) -> str:
 
 
 @pytest.mark.parametrize("html_out", [False, True])
-def test_the_cli_reports_a_damaged_run_in_one_line(valid_run, tmp_path, html_out):
+def test_the_cli_reports_a_damaged_run_in_one_line(tiny_run, tmp_path, html_out):
     run = tmp_path / "run"
-    shutil.copytree(valid_run, run)
+    shutil.copytree(tiny_run, run)
     manifest = json.loads((run / "manifest.json").read_text())
     manifest["tables"][1]["n_heads"] = "abc"
     (run / "manifest.json").write_text(json.dumps(manifest))
@@ -235,10 +224,10 @@ def test_the_cli_reports_a_damaged_run_in_one_line(valid_run, tmp_path, html_out
     assert not (tmp_path / "r.html").exists()
 
 
-def test_the_cli_never_overwrites_a_users_file(valid_run, tmp_path):
+def test_the_cli_never_overwrites_a_users_file(tiny_run, tmp_path):
     mine = tmp_path / "mine.html"
     mine.write_text("<p>mine</p>")
-    result = CliRunner().invoke(app, ["report", str(valid_run), "--html", str(mine)])
+    result = CliRunner().invoke(app, ["report", str(tiny_run), "--html", str(mine)])
     assert "is not an HTML report headscope wrote" in _one_error_line(result)
     assert mine.read_text() == "<p>mine</p>"
 
@@ -249,10 +238,10 @@ def test_the_cli_prints_the_report_of_a_hostile_run(hostile_run):
     assert PAYLOADS[0] in result.stdout  # as text: the terminal shows what the run holds
 
 
-def test_hostile_summaries_still_report(valid_run, tmp_path):
+def test_hostile_summaries_still_report(tiny_run, tmp_path):
     """A summary the report cannot format is one line in the report, not an error."""
     run = tmp_path / "run"
-    shutil.copytree(valid_run, run)
+    shutil.copytree(tiny_run, run)
     manifest = json.loads((run / "manifest.json").read_text())
     damaged = copy.deepcopy(manifest)
     del damaged["tables"][1]["summary"]["sink_rate"]

@@ -24,7 +24,6 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
-import headscope
 from headscope.errors import HeadscopeError
 from headscope.html_report import build_html_report
 from headscope.report import build_report, score_matrix, sink_summary, sink_summary_table
@@ -35,23 +34,13 @@ MANIFEST = "manifest.json"
 
 
 @pytest.fixture(scope="module")
-def valid_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("valid") / "run"
-    headscope.scan(
-        "tiny:llama", prompts="prose", detectors="previous_token,first_token_sink",
-        n_prompts=4, seq_len=16, out=out, on_progress=False,
-    )  # fmt: skip
-    return out
+def valid_manifest(tiny_run) -> dict[str, Any]:
+    return json.loads((tiny_run / MANIFEST).read_text())
 
 
-@pytest.fixture(scope="module")
-def valid_manifest(valid_run) -> dict[str, Any]:
-    return json.loads((valid_run / MANIFEST).read_text())
-
-
-def damaged_copy(valid_run: Path, tmp_path: Path, name: str = "run") -> Path:
+def damaged_copy(tiny_run: Path, tmp_path: Path, name: str = "run") -> Path:
     copy_path = tmp_path / name
-    shutil.copytree(valid_run, copy_path)
+    shutil.copytree(tiny_run, copy_path)
     return copy_path
 
 
@@ -86,8 +75,8 @@ def report_everything(run) -> None:
     build_html_report(run.manifest, tables)
 
 
-def test_the_valid_run_opens_and_reports(valid_run):
-    run = open_run(valid_run)
+def test_the_tiny_run_opens_and_reports(tiny_run):
+    run = open_run(tiny_run)
     report_everything(run)
     assert manifest_problem(run.manifest) is None
 
@@ -167,8 +156,8 @@ MANIFEST_DAMAGE = [
 
 
 @pytest.mark.parametrize(("damage", "expected"), MANIFEST_DAMAGE)
-def test_a_bad_manifest_field_is_named(valid_run, valid_manifest, tmp_path, damage, expected):
-    run = damaged_copy(valid_run, tmp_path)
+def test_a_bad_manifest_field_is_named(tiny_run, valid_manifest, tmp_path, damage, expected):
+    run = damaged_copy(tiny_run, tmp_path)
     manifest = copy.deepcopy(valid_manifest)
     damage(manifest)
     write_manifest(run, manifest)
@@ -189,8 +178,8 @@ def test_a_bad_manifest_field_is_named(valid_run, valid_manifest, tmp_path, dama
         ("", "is not readable JSON"),
     ],
 )
-def test_an_unreadable_manifest_is_one_line(valid_run, tmp_path, text, expected):
-    run = damaged_copy(valid_run, tmp_path)
+def test_an_unreadable_manifest_is_one_line(tiny_run, tmp_path, text, expected):
+    run = damaged_copy(tiny_run, tmp_path)
     if isinstance(text, bytes):
         (run / MANIFEST).write_bytes(text)
     else:
@@ -198,8 +187,8 @@ def test_an_unreadable_manifest_is_one_line(valid_run, tmp_path, text, expected)
     assert expected in open_error(run)
 
 
-def test_unknown_fields_are_allowed(valid_run, valid_manifest, tmp_path):
-    run = damaged_copy(valid_run, tmp_path)
+def test_unknown_fields_are_allowed(tiny_run, valid_manifest, tmp_path):
+    run = damaged_copy(tiny_run, tmp_path)
     manifest = copy.deepcopy(valid_manifest)
     manifest["added_later"] = {"anything": [1, "two"]}
     manifest["model"]["arch"]["new_field"] = "x"
@@ -209,9 +198,9 @@ def test_unknown_fields_are_allowed(valid_run, valid_manifest, tmp_path):
     assert open_run(run).manifest["added_later"] == {"anything": [1, "two"]}
 
 
-def test_list_runs_skips_the_damaged_and_keeps_the_rest(valid_run, valid_manifest, tmp_path):
-    damaged_copy(valid_run, tmp_path, "good")
-    bad = damaged_copy(valid_run, tmp_path, "bad")
+def test_list_runs_skips_the_damaged_and_keeps_the_rest(tiny_run, valid_manifest, tmp_path):
+    damaged_copy(tiny_run, tmp_path, "good")
+    bad = damaged_copy(tiny_run, tmp_path, "bad")
     manifest = copy.deepcopy(valid_manifest)
     manifest["tables"][0]["n_heads"] = "abc"
     write_manifest(bad, manifest)
@@ -276,14 +265,14 @@ FILE_DAMAGE = [
 
 
 @pytest.mark.parametrize(("damage", "expected"), FILE_DAMAGE)
-def test_a_damaged_file_is_one_line(valid_run, tmp_path, damage, expected):
-    run = damaged_copy(valid_run, tmp_path)
+def test_a_damaged_file_is_one_line(tiny_run, tmp_path, damage, expected):
+    run = damaged_copy(tiny_run, tmp_path)
     damage(run)
     assert expected in open_error(run)
 
 
-def test_missing_optional_files_still_open(valid_run, tmp_path):
-    run = damaged_copy(valid_run, tmp_path)
+def test_missing_optional_files_still_open(tiny_run, tmp_path):
+    run = damaged_copy(tiny_run, tmp_path)
     (run / "stats.safetensors").unlink()
     shutil.rmtree(run / "samples")
     opened = open_run(run)
@@ -349,11 +338,11 @@ def _opens_or_says_why(run: Path) -> None:
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
-def test_any_manifest_damage_opens_or_is_one_line(valid_run, valid_manifest, tmp_path_factory,
+def test_any_manifest_damage_opens_or_is_one_line(tiny_run, valid_manifest, tmp_path_factory,
                                                    data):  # fmt: skip
     run = tmp_path_factory.getbasetemp() / "fuzzed-manifest"
     if not run.exists():
-        shutil.copytree(valid_run, run)
+        shutil.copytree(tiny_run, run)
     paths = _paths(valid_manifest)
     # half the time a table's summary or params: what the report sections read
     wanted = [p for p in paths if len(p) >= 3 and p[0] == "tables" and p[2] in (
@@ -369,11 +358,11 @@ def test_any_manifest_damage_opens_or_is_one_line(valid_run, valid_manifest, tmp
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
-def test_any_row_damage_opens_or_is_one_line(valid_run, tmp_path_factory, data):
+def test_any_row_damage_opens_or_is_one_line(tiny_run, tmp_path_factory, data):
     run = tmp_path_factory.getbasetemp() / "fuzzed-rows"
     if not run.exists():
-        shutil.copytree(valid_run, run)
-    frame = pd.read_parquet(valid_run / "heads.parquet")
+        shutil.copytree(tiny_run, run)
+    frame = pd.read_parquet(tiny_run / "heads.parquet")
     row = data.draw(st.integers(0, len(frame) - 1))
     column = data.draw(st.sampled_from(["layer", "head", "score", "flagged", "evidence"]))
     if column in ("layer", "head"):
@@ -394,11 +383,11 @@ def test_any_row_damage_opens_or_is_one_line(valid_run, tmp_path_factory, data):
     name=st.sampled_from(["heads.parquet", "stats.safetensors", "samples/prose.safetensors"]),
     keep=st.floats(0, 1, exclude_max=True),
 )
-def test_any_truncation_is_one_line(valid_run, tmp_path_factory, name, keep):
+def test_any_truncation_is_one_line(tiny_run, tmp_path_factory, name, keep):
     run = tmp_path_factory.getbasetemp() / "fuzzed-files"
     if run.exists():
         shutil.rmtree(run)
-    shutil.copytree(valid_run, run)
+    shutil.copytree(tiny_run, run)
     _truncate(name, keep)(run)
     assert open_error(run)
 
@@ -406,8 +395,8 @@ def test_any_truncation_is_one_line(valid_run, tmp_path_factory, name, keep):
 # --------------------------------------------------------------------------- text report
 
 
-def test_the_text_report_prints_run_strings_as_text(valid_run, valid_manifest, tmp_path):
-    run = damaged_copy(valid_run, tmp_path)
+def test_the_text_report_prints_run_strings_as_text(tiny_run, valid_manifest, tmp_path):
+    run = damaged_copy(tiny_run, tmp_path)
     manifest = copy.deepcopy(valid_manifest)
     manifest["model"]["spec"] = "[bold red]spec[/] \x1b[2J"
     manifest["prompt_sets"][0]["description"] = "[/]"
