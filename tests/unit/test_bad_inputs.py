@@ -348,6 +348,7 @@ def ends_cleanly(template: Path, args: list[str]) -> None:
         (["export", "prune", "--model", "tiny:llama", "--batch-size", "-1"], "--batch-size"),
     ],
 )  # fmt: skip
+@pytest.mark.filterwarnings("ignore:prompt set 'repeated-token' has prompts of 100000")
 def test_each_reported_case_is_one_error_line(template, args, message):
     with world(template) as root:
         before = snapshot(root)
