@@ -114,15 +114,6 @@ RUN_FOLDER = FolderKind(
 )
 
 
-def check_output_path(out: Path | str, *, force: bool) -> Path:
-    """Refuse an output folder a run must not be written to; call it before expensive work.
-
-    See ``headscope.outputs``: an existing run is replaced only with ``force``;
-    anything else that exists is refused even with ``force``.
-    """
-    return check_output_folder(out, RUN_FOLDER, force=force)
-
-
 def _json_default(value: Any) -> Any:
     """Make numpy/torch values, paths and sets JSON-able; describe anything else as text."""
     if hasattr(value, "tolist"):

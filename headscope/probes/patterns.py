@@ -250,20 +250,26 @@ class _Accumulator:
 PATTERN_BYTES_BUDGET = 1 << 30
 
 
+def _layer_pattern_bytes(n_heads: int, max_len: int) -> int:
+    """One prompt's eager pattern of one layer with its softmax temporaries:
+    about 3 live float32 copies of [head, T, T]."""
+    return 3 * n_heads * max_len * max_len * 4
+
+
 def _fitting_batch_size(batch_size: int, n_heads: int, max_len: int) -> int:
-    """Shrink batches so one layer's eager pattern (and its softmax temporaries,
-    about 3 copies) stays under ~1 GiB: this path is for short prompts, and
-    long ones should not exhaust memory because a batch size was left at its default."""
-    per_prompt = 3 * n_heads * max_len * max_len * 4
+    """Shrink batches so one layer's patterns stay under ~1 GiB: this path is for
+    short prompts, and long ones should not exhaust memory because a batch size
+    was left at its default."""
+    per_prompt = _layer_pattern_bytes(n_heads, max_len)
     return max(1, min(batch_size, PATTERN_BYTES_BUDGET // per_prompt))
 
 
 def pattern_capture_bytes(arch, max_len: int) -> int:
-    """Peak bytes the pattern capture needs for one prompt of ``max_len`` tokens:
-    about 3 live copies of one layer's [head, T, T] float32 pattern (scores,
-    probabilities, the reduction) plus the float16 sample of every layer."""
-    square = arch.n_heads * max_len * max_len
-    return 3 * square * 4 + arch.n_layers * square * 2
+    """Peak bytes the pattern capture needs for one prompt of ``max_len`` tokens
+    (its smallest batch): one layer's live patterns plus the float16 sample of
+    every layer."""
+    sample = arch.n_layers * arch.n_heads * max_len * max_len * 2
+    return _layer_pattern_bytes(arch.n_heads, max_len) + sample
 
 
 def probe_patterns(

@@ -182,7 +182,6 @@ def library_logs_on_the_real_stderr():
     CliRunner that is a stream closed after the call, so bind it out here."""
     from transformers.utils import logging as hf_logging
 
-    hf_logging.get_logger("transformers").warning  # noqa: B018 - configures the handler
     hf_logging._configure_library_root_logger()
 
 

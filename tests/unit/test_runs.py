@@ -12,10 +12,11 @@ import torch
 
 from headscope.analyses.tables import HeadTable, LayerTable
 from headscope.errors import HeadscopeError
+from headscope.outputs import check_output_folder
 from headscope.runs import (
+    RUN_FOLDER,
     SCHEMA_VERSION,
     Run,
-    check_output_path,
     list_runs,
     open_run,
     write_run,
@@ -181,16 +182,16 @@ def test_duplicate_tables_are_refused_before_writing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_check_output_path_refuses_existing_run_without_force(tmp_path):
+def test_check_output_folder_refuses_existing_run_without_force(tmp_path):
     out = write_small_run(tmp_path / "x")
     with pytest.raises(HeadscopeError, match="already holds a headscope run; pass --force") as info:
-        check_output_path(out, force=False)
+        check_run(out, force=False)
     assert str(out) in str(info.value)
-    assert check_output_path(out, force=True) == out
-    assert check_output_path(tmp_path / "new", force=False) == (tmp_path / "new").resolve()
+    assert check_run(out, force=True) == out
+    assert check_run(tmp_path / "new", force=False) == (tmp_path / "new").resolve()
 
 
-def test_check_output_path_never_allows_replacing_a_non_run(tmp_path):
+def test_check_output_folder_never_allows_replacing_a_non_run(tmp_path):
     folder = tmp_path / "thesis"
     folder.mkdir()
     (folder / "chapter1.tex").write_text("precious")
@@ -199,7 +200,7 @@ def test_check_output_path_never_allows_replacing_a_non_run(tmp_path):
     for target in (folder, a_file):
         for force in (False, True):
             with pytest.raises(HeadscopeError, match="not a headscope run"):
-                check_output_path(target, force=force)
+                check_run(target, force=force)
         with pytest.raises(HeadscopeError, match="not a headscope run"):
             write_small_run(target, force=True)
     assert (folder / "chapter1.tex").read_text() == "precious"
@@ -209,7 +210,7 @@ def test_check_output_path_never_allows_replacing_a_non_run(tmp_path):
 def test_an_empty_folder_is_used_without_force(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert check_output_path(empty, force=False) == empty.resolve()
+    assert check_run(empty, force=False) == empty.resolve()
     write_small_run(empty)
     assert open_run(empty).head_table("induction").n_heads == 4
 
@@ -343,3 +344,7 @@ def test_headscope_scan_stays_callable_after_the_submodule_is_imported():
         on_progress=False,
     )  # fmt: skip
     assert type(result).__name__ == type(again).__name__ == "ScanResult"
+
+
+def check_run(out, *, force: bool):
+    return check_output_folder(out, RUN_FOLDER, force=force)
