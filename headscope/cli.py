@@ -34,7 +34,7 @@ console = Console(markup=False, highlight=False)
 @app.command()
 def models() -> None:
     """List the model specs and whether each can be loaded here."""
-    from headscope.probes.models import available_models
+    from headscope.probes.model_catalog import available_models
 
     table = Table(title="model specs")
     for column in ("spec", "available", "description", "how"):
@@ -65,35 +65,11 @@ def scan(
     report: Annotated[bool, typer.Option(help="print the report when done")] = True,
 ) -> None:
     """Scan a model on prompt sets, run detectors and write a run folder."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
+    from headscope.progress import ProgressBars
     from headscope.report import build_report
-    from headscope.scan import scan as run_scan
+    from headscope.scanning import scan as run_scan
 
-    progress = Progress(
-        TextColumn("{task.description}", markup=False, style="progress.description"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=errors,
-        transient=False,
-    )
-    tasks: dict[str, int] = {}
-
-    def on_progress(name: str, done: int, total: int) -> None:
-        if not tasks:  # started with the first bar: a scan refused up front prints none
-            progress.start()
-        if name not in tasks:
-            tasks[name] = progress.add_task(f"scan {name}", total=total)
-        progress.update(tasks[name], completed=done)
-
-    try:
+    with ProgressBars(console=errors, prefix="scan ") as on_progress:
         result = run_scan(
             model,
             prompts=prompts,
@@ -106,9 +82,6 @@ def scan(
             force=force,
             on_progress=on_progress,
         )
-    finally:
-        if tasks:
-            progress.stop()
     timing = result.manifest["timing"]
     console.print(
         f"wrote run {result.path} in {timing['total_s']:.1f} s "
@@ -141,6 +114,7 @@ def report(
     """Print the sink analyses, the top heads per role and the flagged layers of a run."""
     from headscope.report import build_report, score_matrix, sink_summary, sink_summary_table
     from headscope.runs import open_run
+    from headscope.tables import primary_prompt_sets
 
     if html is not None:
         from headscope.html_report import write_html_report
@@ -151,7 +125,8 @@ def report(
     opened = open_run(run)
     tables = [*opened.head_tables(), *opened.layer_tables()]
     if sinks:
-        summary = sink_summary_table(sink_summary(tables), markdown=markdown)
+        rows = sink_summary(tables, primary=primary_prompt_sets(opened.manifest))
+        summary = sink_summary_table(rows, markdown=markdown)
         if markdown:
             print(summary)
         else:
@@ -270,6 +245,7 @@ def export_ablation(
     force: Annotated[bool, typer.Option(help="replace an existing folder at --out")] = False,
 ) -> None:
     """Write a head ablation: JSON spec, TransformerLens hooks, baked checkpoint (zero)."""
+    from headscope.ablation_spec import head_name
     from headscope.checks import check_count, check_finite
     from headscope.exporters.ablation import ABLATION_FOLDER, heads_from_run
     from headscope.exporters.ablation import export_ablation as write_export
@@ -282,7 +258,8 @@ def export_ablation(
         parse_heads,
         resample_ablation,
     )
-    from headscope.probes.models import DEFAULT_MODEL, load_model
+    from headscope.probes.loading import load_model
+    from headscope.probes.model_catalog import DEFAULT_MODEL
 
     if (heads is None) == (from_run is None):
         raise HeadscopeError("give the heads (e.g. L3H5,L12H0) or --from RUN --role NAME")
@@ -315,7 +292,7 @@ def export_ablation(
         else:
             ablation = Ablation(method=method, heads=chosen, epsilon=epsilon)
         written = write_export(handle, ablation, folder, checkpoint=None if checkpoint else False)
-    names = ", ".join(f"L{layer}H{head}" for layer, head in chosen)
+    names = ", ".join(head_name(layer, head) for layer, head in chosen)
     console.print(f"{method} ablation of {names} on {handle.spec} -> {written.folder}")
     console.print(f"  spec:       {written.spec}")
     console.print(f"  TL hooks:   {written.hooks}")
@@ -388,7 +365,8 @@ def export_prune(
     )
     from headscope.outputs import OutputFolder
     from headscope.probes.ablation import parse_heads
-    from headscope.probes.models import DEFAULT_MODEL, load_model
+    from headscope.probes.loading import load_model
+    from headscope.probes.model_catalog import DEFAULT_MODEL
 
     chosen_heads = parse_heads(heads) if heads else ()
     explicit_attn, explicit_blocks = _layer_list(attn_layers), _layer_list(blocks)

@@ -15,3 +15,7 @@ class HeadscopeError(Exception):
 
 class NotApplicable(HeadscopeError):
     """An analysis that cannot run on this model or input; a scan skips it and says why."""
+
+
+class ModelLoadError(HeadscopeError):
+    """A model spec that cannot be loaded here; the message names the fix."""

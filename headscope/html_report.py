@@ -29,10 +29,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from headscope.analyses.tables import HeadTable, LayerTable
 from headscope.errors import HeadscopeError
 from headscope.plots import figures_for, role_census
 from headscope.report import UNREADABLE, sink_summary, unreadable
+from headscope.tables import HeadTable, LayerTable, primary_prompt_sets, tables_of
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -76,12 +76,9 @@ def _objects(manifest: dict[str, Any], field: str) -> list[dict[str, Any]]:
 
 def _ordered(tables: Sequence[HeadTable | LayerTable], manifest: dict) -> list:
     """Detectors in run order; within one, its primary prompt set first."""
-    primary = {d.get("name"): d.get("primary_prompt_set") for d in _objects(manifest, "detectors")}
-    order = list(dict.fromkeys(t.detector for t in tables))
-    return sorted(
-        tables,
-        key=lambda t: (order.index(t.detector), t.prompt_set != primary.get(t.detector)),
-    )
+    primary = primary_prompt_sets(manifest)
+    detectors = dict.fromkeys(t.detector for t in tables)
+    return [t for d in detectors for t in tables_of(list(tables), d, None, primary)]
 
 
 def _prompt_set_rows(manifest: dict[str, Any]) -> list[tuple[Any, str]]:
@@ -133,7 +130,7 @@ def build_html_report(manifest: dict[str, Any], tables: Sequence[HeadTable | Lay
         "<h2>Prompt sets</h2>",
         _rows_table(_prompt_set_rows(manifest), ("set", "contents")),
     ]
-    sinks = sink_summary(tables)
+    sinks = sink_summary(tables, primary=primary_prompt_sets(manifest))
     if sinks:
         parts += ["<h2>Attention sinks</h2>", _rows_table(sinks, ("quantity", "value"))]
     if tables:

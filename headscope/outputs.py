@@ -367,7 +367,7 @@ class OutputFolder:
     def writing(self) -> Iterator[Path]:
         """A hidden folder beside ``out`` to write into; it becomes ``out`` on success."""
         if self._stack is None:
-            raise RuntimeError("OutputFolder.writing() needs the folder claimed (use `with`)")
+            raise HeadscopeError("OutputFolder.writing() needs the folder claimed (use `with`)")
         partial = self.path.parent / f".{self.path.name}.partial-{secrets.token_hex(4)}"
         partial.mkdir()
         try:

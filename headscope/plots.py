@@ -19,7 +19,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from headscope.analyses.tables import HeadTable, LayerTable
+from headscope.ablation_spec import head_name
+from headscope.tables import HeadTable, LayerTable
 
 HEATMAP_SCALE = "Viridis"
 FLAG_COLOR, PLAIN_COLOR = "#d62728", "#1f77b4"
@@ -166,7 +167,7 @@ def family_scatter(table: HeadTable) -> go.Figure:
                 y=[evidence[i]["y"] for i in rows],
                 mode="markers",
                 name=f"{family}: {names.get(family, '')}"[:60],
-                text=[f"L{frame['layer'].iloc[i]}H{frame['head'].iloc[i]}" for i in rows],
+                text=[head_name(frame["layer"].iloc[i], frame["head"].iloc[i]) for i in rows],
                 hovertemplate="%{text}<extra></extra>",
             )
         )
@@ -184,7 +185,7 @@ def role_census(tables: Sequence[HeadTable | LayerTable]) -> go.Figure:
     counts: Counter[str] = Counter()
     totals: dict[str, int] = {}
     for table in tables:
-        if table.detector == "head_families":
+        if table.group == "families":  # its score is a silhouette, not a role
             continue
         label = _title(table)
         counts[label] += int(table.frame["flagged"].sum())

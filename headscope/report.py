@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,8 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from headscope.analyses.tables import HeadTable, LayerTable
+from headscope.ablation_spec import head_name
+from headscope.tables import HeadTable, LayerTable, primary_prompt_sets, tables_of
 from headscope.text import plain
 
 #: what formatting a table whose summary or params are not what its detector
@@ -97,13 +98,6 @@ def _sink_rates(tables: Sequence[HeadTable]) -> Table:
     return table
 
 
-def _find(tables, detector: str, prompt_set: str | None = None):
-    return next(
-        (t for t in tables if t.detector == detector and prompt_set in (None, t.prompt_set)),
-        None,
-    )
-
-
 def _format(value: Any) -> str:
     if value is None:
         return "none"
@@ -162,39 +156,56 @@ def _window_row(t: HeadTable) -> tuple[str, str]:
             f"{s[f'ppl_window_{k}_sinks_past_window']:.2f}")  # fmt: skip
 
 
-def sink_summary(
-    tables: Sequence[HeadTable | LayerTable], *, include_rates: bool = True
-) -> list[tuple[str, str]]:
-    """(quantity, value) rows of the sink analyses present in ``tables``.
+def _flagged_row(t: HeadTable | LayerTable) -> tuple[str, str]:
+    """The row of a sink detector the summary has no row of its own for."""
+    unit = "heads" if isinstance(t, HeadTable) else "layers"
+    return (f"{t.detector} on {t.prompt_set}: {unit} flagged",
+            f"{int(t.frame['flagged'].sum())} of {len(t.frame)}")  # fmt: skip
 
+
+#: the sink summary's row of each sink detector, in the order shown, and whether
+#: every table of it gets a row ("every") or only the one on its primary prompt
+#: set ("lead"); the sink detectors are those of the "sinks" group, and one
+#: without a row here gets ``_flagged_row``
+SINK_ROWS: dict[str, tuple[Callable[[Any], tuple[str, str]], str]] = {
+    "first_token_sink": (_rate_row, "every"),
+    "hidden_sink": (_hidden_row, "every"),
+    "massive_activations": (_massive_row, "every"),
+    "residual_peak": (lambda t: _position_row(t, "residual-state peak"), "lead"),
+    "value_drain": (lambda t: _position_row(t, "value-state drain"), "lead"),
+    "active_dormant": (_dormant_row, "lead"),
+    "massive_intervention": (_intervention_row, "lead"),
+    "streaming_window": (_window_row, "lead"),
+}
+
+
+def sink_summary(
+    tables: Sequence[HeadTable | LayerTable],
+    *,
+    include_rates: bool = True,
+    primary: Mapping[str, str] | None = None,
+) -> list[tuple[str, str]]:
+    """(quantity, value) rows of the sink analyses (the "sinks" group) in ``tables``.
+
+    ``primary`` ({detector: prompt set}, ``primary_prompt_sets(manifest)``)
+    picks the table of a one-row detector; without it, its first table.
     ``include_rates=False`` leaves out the Sink_1 rows (the full report shows
     them in their own, wider table). A table whose summary lacks a figure gets
     a row that says so.
     """
+    sinks = [t for t in tables if t.group == "sinks"]
     rows: list[tuple[str, str]] = []
-
-    def add(table: HeadTable | LayerTable | None, row: Callable[..., tuple[str, str]],
-            *args: Any) -> None:  # fmt: skip
-        if table is None:
-            return
-        try:
-            rows.append(row(table, *args))
-        except UNREADABLE as err:
-            rows.append((f"{table.detector} on {table.prompt_set}", unreadable(table, err)))
-
-    for detector, row in (("first_token_sink", _rate_row), ("hidden_sink", _hidden_row),
-                          ("massive_activations", _massive_row)):  # fmt: skip
+    named = [*SINK_ROWS, *(t.detector for t in sinks if t.detector not in SINK_ROWS)]
+    for detector in dict.fromkeys(named):
         if detector == "first_token_sink" and not include_rates:
             continue
-        for t in tables:
-            if t.detector == detector:
-                add(t, row)
-    for detector, label in (("residual_peak", "residual-state peak"),
-                            ("value_drain", "value-state drain")):  # fmt: skip
-        add(_find(tables, detector, "prose") or _find(tables, detector), _position_row, label)
-    add(_find(tables, "active_dormant"), _dormant_row)
-    add(_find(tables, "massive_intervention"), _intervention_row)
-    add(_find(tables, "streaming_window"), _window_row)
+        row, which = SINK_ROWS.get(detector, (_flagged_row, "every"))
+        own = tables_of(sinks, detector, None, primary or {})
+        for table in own if which == "every" else own[:1]:
+            try:
+                rows.append(row(table))
+            except UNREADABLE as err:
+                rows.append((f"{table.detector} on {table.prompt_set}", unreadable(table, err)))
     return rows
 
 
@@ -283,19 +294,27 @@ def _top_heads(table: HeadTable, n: int) -> Table:
     )
     for _, row in table.top(n).iterrows():
         _add_row(
-            out, f"L{row['layer']}H{row['head']}", f"{row['score']:.4f}",
+            out, head_name(row["layer"], row["head"]), f"{row['score']:.4f}",
             "yes" if row["flagged"] else "",
         )  # fmt: skip
     return out
 
 
+#: detectors whose report section is not the default (top heads, or flagged
+#: layers); None: no section (massive_intervention's one row is in the sink table)
+SECTIONS: dict[str, Callable[[Any], Any] | None] = {
+    "head_families": _families,
+    "drop_simulation": lambda t: Group(_drop_curves(t), _flagged_layers(t)),
+    "massive_intervention": None,
+}
+
+
 def _section(table: HeadTable | LayerTable, top: int) -> Any:
     """The part of the report for one detector (its lead table), or a line saying why not."""
     try:
-        if table.detector == "head_families":
-            return _families(table)
-        if table.detector == "drop_simulation":
-            return Group(_drop_curves(table), _flagged_layers(table))
+        if table.detector in SECTIONS:
+            special = SECTIONS[table.detector]
+            return None if special is None else special(table)
         if isinstance(table, HeadTable):
             return _top_heads(table, top)
         return _flagged_layers(table)
@@ -343,15 +362,14 @@ def build_report(
     parts: list[Any] = [_header(manifest)]
     if any(t.detector == "first_token_sink" for t in tables):
         parts.append(_sink_rates(tables))
-    rows = sink_summary(tables, include_rates=False)
+    primary = primary_prompt_sets(manifest)
+    rows = sink_summary(tables, include_rates=False, primary=primary)
     if rows:
         parts.append(sink_summary_table(rows))
-    primary = {d.get("name"): d.get("primary_prompt_set") for d in _objects(manifest, "detectors")}
     for detector in dict.fromkeys(t.detector for t in tables):
-        own = [t for t in tables if t.detector == detector]
-        lead = next((t for t in own if t.prompt_set == primary.get(detector)), own[0])
-        if detector != "massive_intervention":  # its one row is in the sink table
-            parts.append(_section(lead, top))
+        section = _section(tables_of(list(tables), detector, None, primary)[0], top)
+        if section is not None:
+            parts.append(section)
     for skipped in _objects(manifest, "skipped"):
         parts.append(_text(f"skipped {skipped.get('detector')}: {skipped.get('reason')}"))
     return Group(*parts)

@@ -18,6 +18,8 @@ from typing import Any
 
 import pandas as pd
 
+from headscope.ablation_spec import head_name, layer_name
+
 #: the most heads (layers x heads) a table or a model may have: a figure or a
 #: head picker is drawn for all of them, so a damaged count must not ask for billions
 MAX_HEADS = 1 << 20
@@ -82,6 +84,8 @@ MANIFEST_SCHEMA: tuple[tuple[str, Check], ...] = (
     ("detectors[].name", STRING),
     ("detectors[].role?", STRING),
     ("detectors[].primary_prompt_set?", _or_null(STRING)),
+    ("detectors[].group?", STRING),
+    ("detectors[].params?", OBJECT),
     ("tables", LIST),
     ("tables[]", OBJECT),
     ("tables[].kind", TABLE_KIND),
@@ -92,6 +96,7 @@ MANIFEST_SCHEMA: tuple[tuple[str, Check], ...] = (
     ("tables[].params?", OBJECT),
     ("tables[].summary?", OBJECT),
     ("tables[].description?", STRING),
+    ("tables[].group?", STRING),
     ("config?", OBJECT),
     ("timing?", OBJECT),
     ("timing.*", _or_null(NUMBER)),
@@ -240,6 +245,10 @@ def rows_problem(frame: pd.DataFrame, entry: Mapping[str, Any]) -> str | None:
     repeated = mine[mine.duplicated(keys)]
     if len(repeated):
         first = repeated.iloc[0]
-        name = f"L{int(first['layer'])}" + (f"H{int(first['head'])}" if "head" in keys else "")
+        name = (
+            head_name(first["layer"], first["head"])
+            if "head" in keys
+            else layer_name(first["layer"])
+        )
         return f"{where} hold {name} twice"
     return None

@@ -34,14 +34,6 @@ import pandas as pd
 import safetensors.torch
 import torch
 
-from headscope.analyses.tables import (
-    HEAD_COLUMNS,
-    LAYER_COLUMNS,
-    HeadTable,
-    LayerTable,
-    evidence_from_json,
-    evidence_to_json,
-)
 from headscope.errors import HeadscopeError
 from headscope.outputs import (
     FolderKind,
@@ -49,6 +41,15 @@ from headscope.outputs import (
     check_output_folder,
     versioned_format,
     write_folder,
+)
+from headscope.tables import (
+    HEAD_COLUMNS,
+    LAYER_COLUMNS,
+    HeadTable,
+    LayerTable,
+    TableLookup,
+    evidence_from_json,
+    evidence_to_json,
 )
 
 SCHEMA_VERSION = 1
@@ -160,7 +161,9 @@ def _cpu_tensors(tensors: Mapping[str, torch.Tensor], what: str) -> dict[str, to
         if tensor is None:
             continue
         if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{what} entry {name!r} is a {type(tensor).__name__}, not a tensor")
+            raise HeadscopeError(
+                f"{what} entry {name!r} is a {type(tensor).__name__}, not a tensor"
+            )
         out[str(name)] = tensor.detach().to("cpu").clone(memory_format=torch.contiguous_format)
     return out
 
@@ -320,8 +323,12 @@ def _manifest_entries(manifest: Mapping[str, Any], kind: str) -> list[dict[str, 
     return [t for t in tables if isinstance(t, dict) and t.get("kind") == kind]
 
 
-class Run:
-    """A run folder opened for reading: manifest, tables, tensors and samples."""
+class Run(TableLookup):
+    """A run folder opened for reading: manifest, tables, tensors and samples.
+
+    Look tables up with ``table``, ``head_table``, ``layer_table`` and
+    ``in_group`` (shared with a scan's in-memory result).
+    """
 
     def __init__(
         self, path: Path, manifest: dict[str, Any], heads: pd.DataFrame, layers: pd.DataFrame
@@ -359,6 +366,7 @@ class Run:
             params=entry.get("params", {}),
             summary=entry.get("summary", {}),
             description=entry.get("description", ""),
+            group=entry.get("group") or _legacy_group(entry["detector"]),
             n_layers=entry["n_layers"],
             **extra,
         )
@@ -377,32 +385,11 @@ class Run:
             for entry in _manifest_entries(self.manifest, "layer")
         ]
 
-    def head_table(self, detector: str, prompt_set: str | None = None) -> HeadTable:
-        """The table of ``detector`` on ``prompt_set``.
+    def _tables(self) -> list[HeadTable | LayerTable]:
+        return [*self.head_tables(), *self.layer_tables()]
 
-        Without a prompt set: the detector's only table, else the one on its
-        primary prompt set when the manifest names one.
-        """
-        tables = self.head_tables()
-        candidates = [t for t in tables if t.detector == detector]
-        if prompt_set is not None:
-            candidates = [t for t in candidates if t.prompt_set == prompt_set]
-        elif len(candidates) > 1:
-            primary = next(
-                (
-                    d.get("primary_prompt_set")
-                    for d in self.manifest.get("detectors", [])
-                    if isinstance(d, dict) and d.get("name") == detector
-                ),
-                None,
-            )
-            candidates = [t for t in candidates if t.prompt_set == primary] or candidates
-        if len(candidates) == 1:
-            return candidates[0]
-        stored = ", ".join(f"{t.detector}/{t.prompt_set}" for t in tables) or "none"
-        wanted = detector if prompt_set is None else f"{detector}/{prompt_set}"
-        problem = "no head table" if not candidates else "several head tables; name a prompt set"
-        raise HeadscopeError(f"{problem} for {wanted} in run {self.path}; stored: {stored}")
+    def _where(self) -> str:
+        return f"run {self.path}"
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The named statistics tensors; {} when the run stores none."""
@@ -437,6 +424,18 @@ class Run:
             "<table><tr><th>detector</th><th>prompt set</th><th>flagged</th></tr>"
             f"{rows}</table>"
         )
+
+
+def _legacy_group(table_name: str) -> str:
+    """The group of a table in a run written before tables carried one.
+
+    Only such runs pay for importing the detectors; a table no registered
+    detector writes has no group.
+    """
+    from headscope.analyses import all_detectors
+
+    owner = next((d for d in all_detectors() if table_name in d.table_names), None)
+    return owner.group if owner is not None else ""
 
 
 def _load_safetensors(path: Path, missing_ok: bool = False) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_llama():
-    from headscope.probes.models import load_model
+    from headscope.probes.loading import load_model
 
     return load_model("tiny:llama")
 
@@ -21,7 +21,7 @@ def tiny_llama():
 @pytest.fixture(scope="session")
 def smollm2():
     """The bundled SmolLM2-135M-Instruct (converted once into the user cache)."""
-    from headscope.probes.models import load_model
+    from headscope.probes.loading import load_model
 
     return load_model("smollm2-135m")
 

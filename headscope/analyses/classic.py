@@ -1,4 +1,4 @@
-"""Previous-token, duplicate-token and induction heads (METHODS §3).
+"""Previous-token, duplicate-token and induction heads (docs/methods.md, "classic_heads").
 
 Scores are TransformerLens ``head_detector``'s "mul" measure, Σ(A'⊙P) / ΣA'
 per prompt, averaged over prompts, where P is the detection pattern and A' the
@@ -12,10 +12,12 @@ The flag threshold (default 0.4) is ours: TransformerLens reports scores only.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
-from headscope.analyses.tables import HeadTable
 from headscope.probes.patterns import PatternStatistics, classic_score
+from headscope.tables import HeadTable
 
 DEFAULT_THRESHOLD = 0.4
 
@@ -54,7 +56,6 @@ def _detect(
         mean,
         mean > threshold,
         evidence,
-        detector=kind,
         prompt_set=stats.prompt_set,
         params={
             "threshold": threshold,
@@ -67,23 +68,36 @@ def _detect(
     )
 
 
-def detect_previous_token(stats: PatternStatistics, **params) -> HeadTable:
-    """Heads attending to the token just before the query."""
-    return _detect("previous_token", stats, **params)
+def _classic_detector(kind: str, doc: str) -> Callable[..., HeadTable]:
+    """One of the three detectors. They share this signature, which is their
+    declaration: the registry reads their parameters and defaults from it."""
+
+    def detect(
+        stats: PatternStatistics,
+        *,
+        threshold: float = DEFAULT_THRESHOLD,
+        exclude_bos: bool = False,
+        exclude_current_token: bool = False,
+    ) -> HeadTable:
+        return _detect(
+            kind,
+            stats,
+            threshold=threshold,
+            exclude_bos=exclude_bos,
+            exclude_current_token=exclude_current_token,
+        )
+
+    detect.__name__ = detect.__qualname__ = f"detect_{kind}"
+    detect.__doc__ = doc
+    return detect
 
 
-def detect_duplicate_token(stats: PatternStatistics, **params) -> HeadTable:
-    """Heads attending to earlier copies of the query token."""
-    return _detect("duplicate_token", stats, **params)
-
-
-def detect_induction(stats: PatternStatistics, **params) -> HeadTable:
-    """Heads attending to the token after an earlier copy of the query token."""
-    return _detect("induction", stats, **params)
-
-
-CLASSIC_DEFAULTS = {
-    "threshold": DEFAULT_THRESHOLD,
-    "exclude_bos": False,
-    "exclude_current_token": False,
-}
+detect_previous_token = _classic_detector(
+    "previous_token", "Heads attending to the token just before the query."
+)
+detect_duplicate_token = _classic_detector(
+    "duplicate_token", "Heads attending to earlier copies of the query token."
+)
+detect_induction = _classic_detector(
+    "induction", "Heads attending to the token after an earlier copy of the query token."
+)

@@ -1,4 +1,4 @@
-"""Active and dormant heads across domains (Guo et al. 2024, METHODS §2).
+"""Active and dormant heads across domains (Guo et al. 2024).
 
 A head is *dormant* on a domain when it parks its attention on the sink
 (first-token sink mass above ``sink_mass_threshold``, default 0.5) and its
@@ -16,6 +16,8 @@ thresholds are parameters.
 The table's score is the fraction of domains on which the head is dormant;
 flagged heads are dormant on at least one domain and active on at least one.
 Evidence holds every domain's sink mass, output norm and relative norm.
+
+Definitions, defaults and our choices: docs/methods.md, "active_dormant".
 """
 
 from __future__ import annotations
@@ -24,10 +26,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from headscope.analyses.tables import HeadTable
 from headscope.errors import HeadscopeError
-
-ACTIVE_DORMANT_DEFAULTS = {"sink_mass_threshold": 0.5, "norm_ratio_threshold": 0.5}
+from headscope.tables import HeadTable
 
 
 def detect_active_dormant(
@@ -68,7 +68,6 @@ def detect_active_dormant(
         fraction_dormant,
         flagged,
         evidence,
-        detector="active_dormant",
         prompt_set="+".join(domains),
         params={
             "sink_mass_threshold": sink_mass_threshold,

@@ -36,11 +36,11 @@ import numpy as np
 import pandas as pd
 
 from headscope.analyses.redundancy import one_shot_orders, redundancy_order
-from headscope.analyses.registry import keyword_defaults
-from headscope.analyses.tables import LayerTable
 from headscope.errors import HeadscopeError, NotApplicable
+from headscope.probes.handle import ModelHandle
 from headscope.probes.layer_similarity import LayerSimilarity, measure_layer_similarity
-from headscope.probes.models import ModelHandle
+from headscope.progress import Progress, counter
+from headscope.tables import LayerTable
 
 KINDS = {"attention": "attn", "block": "block"}  # curve kind -> ablation skip module
 
@@ -64,7 +64,6 @@ class _HeldOut:
         """Mean NLL per token (nats) with the modules in ``skip`` removed."""
         from headscope.probes.ablation import Ablation
         from headscope.probes.perplexity import plain_perplexity
-        from headscope.probes.streaming import pad_id_of
 
         key = frozenset(skip)
         if key not in self.cache:
@@ -72,7 +71,7 @@ class _HeldOut:
             with self.handle.ablated(ablation, bridge=False):
                 perplexity = plain_perplexity(
                     self.handle.model, self.prompts,
-                    pad_id=pad_id_of(self.handle), batch_size=self.batch_size,
+                    pad_id=self.handle.pad_id, batch_size=self.batch_size,
                 )  # fmt: skip
             self.cache[key] = math.log(perplexity.value())
             if self.on_eval is not None:
@@ -118,33 +117,6 @@ def iterative_order(
     return dropped
 
 
-class _Progress:
-    """Counts measurements: into the caller's callback, else onto a tqdm bar.
-
-    The total is an upper bound (orders sharing a prefix share evaluations),
-    so ``finish`` fills the bar when the simulation is done.
-    """
-
-    def __init__(self, on_batch: Callable[[int], None] | None, total: int):
-        self.bar = None
-        self.on_batch = on_batch
-        if on_batch is None:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc="drop simulation", unit="measurement", leave=False)
-
-    def __call__(self, n: int) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-        else:
-            self.on_batch(n)
-
-    def finish(self) -> None:
-        if self.bar is not None:
-            self.bar.update(self.bar.total - self.bar.n)
-            self.bar.close()
-
-
 def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
     from scipy.stats import spearmanr
 
@@ -156,7 +128,7 @@ def run_drop_simulation(
     *,
     stats_by_set: Mapping[str, Any] | None = None,
     batch_size: int = 8,
-    on_batch: Callable[[int], None] | None = None,
+    on_progress: Progress | None = None,
     calibration: str = "prose",
     calibration_prompts_n: int | None = 64,
     held_out: str = "prose-heldout",
@@ -193,7 +165,8 @@ def run_drop_simulation(
         + (len(drop_steps(max_attention, n_points)) - 1) * (3 + n_random)
         + (len(drop_steps(max_block, n_points)) - 1) * (2 + n_random)
     )  # fmt: skip
-    progress = _Progress(on_batch, max_attention + max_block + n_evaluations)
+    # an upper bound: orders sharing a prefix share evaluations (finish() fills the bar)
+    progress = counter(on_progress, "drop simulation", max_attention + max_block + n_evaluations)
     held = _HeldOut(handle, evaluation, batch_size, progress)
     similarity = measure_layer_similarity(handle, calibration_set, batch_size=batch_size)
     iterative = {
@@ -277,7 +250,6 @@ def run_drop_simulation(
         "n_evaluations": len(held.cache),
     }
     return LayerTable(
-        detector="drop_simulation",
         prompt_set=evaluation.name,
         frame=frame,
         n_layers=n_layers,
@@ -297,6 +269,3 @@ def run_drop_simulation(
         description="held-out NLL increase (nats) from dropping one layer's attention alone; "
         "flagged: at most harmless_nats. Curves of dropping many in the summary",
     )
-
-
-DROP_SIMULATION_DEFAULTS = keyword_defaults(run_drop_simulation)

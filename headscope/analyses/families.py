@@ -49,11 +49,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from headscope.analyses.registry import keyword_defaults
-from headscope.analyses.tables import HeadTable
+from headscope.ablation_spec import head_name
 from headscope.errors import HeadscopeError
+from headscope.tables import HeadTable
 
-DETECTOR = "head_families"
 STAT_FEATURES = ("entropy", "mean_distance", "sink_mass", "max_prob", "output_norm")
 #: silhouette value from which a head counts as a clear member of its family
 MEMBER_THRESHOLD = 0.25
@@ -117,7 +116,7 @@ def _raw_features(
         for name, values in _stat_columns(set_name, stats).items():
             add(name, values)
     for table in tables:
-        if not isinstance(table, HeadTable) or table.detector == DETECTOR:
+        if not isinstance(table, HeadTable) or table.group == "families":
             continue
         name = f"{table.detector}@{table.prompt_set}"
         shapes[f"table {name!r}"] = (table.n_layers, table.n_heads)
@@ -210,7 +209,7 @@ def _describe(z: np.ndarray, labels: np.ndarray, names: list[str], index) -> lis
                 "size": int(members.size),
                 "name": ", ".join(f"{d['direction']} {d['feature']}" for d in defining[:2]),
                 "defining": defining,
-                "members": [f"L{index[i][0]}H{index[i][1]}" for i in members[:MAX_LISTED]],
+                "members": [head_name(*index[i]) for i in members[:MAX_LISTED]],
             }
         )
     counts = Counter(entry["name"] for entry in families)
@@ -302,7 +301,6 @@ def detect_head_families(
         scores.reshape(shape),
         (scores >= MEMBER_THRESHOLD).reshape(shape),
         evidence,
-        detector=DETECTOR,
         prompt_set="+".join(sorted(stats_by_set)) if stats_by_set else "tables",
         params={
             "n_families": n_families,
@@ -316,7 +314,3 @@ def detect_head_families(
         summary=summary,
         description="k-means families of heads over z-scored statistics and role scores",
     )
-
-
-#: detect_head_families's parameters and defaults (from its signature, so they cannot drift)
-FAMILIES_DEFAULTS: dict[str, Any] = keyword_defaults(detect_head_families)

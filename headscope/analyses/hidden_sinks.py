@@ -1,4 +1,4 @@
-"""Hidden attention sinks beyond the first token (ACT's criterion, METHODS §2).
+"""Hidden attention sinks beyond the first token (ACT's criterion, Yu et al. 2024).
 
 For a head and one input, ACT (Yu et al. 2024) scores every key by the mean
 attention it receives, ``s_j = Σ_i A_ij / (T − j)``, and calls
@@ -18,6 +18,8 @@ Choices of ours, all parameters:
 
 Evidence per head: the positions and tokens that were sinks (most frequent
 first, with counts) and the mean ``s_j`` of its hidden sinks.
+
+Definitions, defaults and our choices: docs/methods.md, "hidden_sink".
 """
 
 from __future__ import annotations
@@ -26,17 +28,15 @@ from collections import Counter
 
 import numpy as np
 
-from headscope.analyses.tables import HeadTable
 from headscope.errors import HeadscopeError
 from headscope.probes.streaming import (
     CANDIDATE_COLUMNS,
     HIDDEN_SINK_FLOOR,
     HIDDEN_SINK_MIN_VIEWERS,
 )
+from headscope.tables import HeadTable
 
 DEFAULT_HIDDEN_SINK_THRESHOLD = 0.1
-HIDDEN_SINK_DEFAULTS = {"threshold": DEFAULT_HIDDEN_SINK_THRESHOLD,
-                        "min_viewers": HIDDEN_SINK_MIN_VIEWERS, "min_fraction": 0.5}  # fmt: skip
 _COLUMN = {name: i for i, name in enumerate(CANDIDATE_COLUMNS)}
 
 
@@ -96,7 +96,6 @@ def detect_hidden_sinks(
         fraction,
         flagged,
         evidence,
-        detector="hidden_sink",
         prompt_set=stats.prompt_set,
         params={
             "threshold": threshold,

@@ -1,4 +1,4 @@
-"""Head importance (METHODS §7): Michel et al.'s gradient score next to mean ablation.
+"""Head importance: Michel et al.'s gradient score next to mean ablation.
 
 Two ways to ask how much the next-token loss L depends on a head:
 
@@ -13,9 +13,9 @@ Two ways to ask how much the next-token loss L depends on a head:
   rows never interact, ∂(Σ_i L_i)/∂ξ[i] = ∂L_i/∂ξ[i]. Only the gates are
   differentiated (``torch.autograd.grad``); no parameter gradient is stored.
 - **Ablation importance**: the increase of the mean loss when the head alone
-  is replaced by its mean output over a reference prompt set (pooled mean,
-  METHODS §7: prefer mean to zero for importance, since zero also removes the
-  head's constant contribution, which the next layers may rely on).
+  is replaced by its mean output over a reference prompt set (pooled mean;
+  mean rather than zero for importance, since zero also removes the head's
+  constant contribution, which the next layers may rely on).
 
 The gradient is a first-order (Taylor) estimate of what removing a head costs,
 at the price of one backward pass; ablation measures the cost itself at one
@@ -23,6 +23,8 @@ forward pass per head. ``detect_head_importance`` reports both and their rank
 agreement (Spearman ρ). Both losses weigh every prompt equally (the mean over
 prompts of each prompt's mean NLL). Encoders have no next-token loss: the
 functions raise ``NotApplicable`` for them.
+
+Definitions, defaults and our choices: docs/methods.md, "head_importance".
 """
 
 from __future__ import annotations
@@ -38,26 +40,16 @@ from jaxtyping import Float
 from scipy.stats import rankdata
 from torch import Tensor
 
-from headscope.analyses.tables import HeadTable
-from headscope.data.prompt_sets import TokenizedPrompts
+from headscope.ablation_spec import head_name
+from headscope.data.prompt_sets import PaddedBatch, TokenizedPrompts
 from headscope.errors import HeadscopeError, NotApplicable
-from headscope.probes.ablation import Ablation, head_key, mean_ablation
-from headscope.probes.models import ModelHandle
+from headscope.probes.ablation import Ablation, mean_ablation
+from headscope.probes.handle import ModelHandle
 from headscope.probes.sites import block_sites
-from headscope.probes.streaming import pad_id_of, padded_batches
+from headscope.progress import Progress, counter
+from headscope.tables import HeadTable
 
-#: (tokens [batch, T] right-padded, lengths [batch])
-Batch = tuple[Tensor, Tensor]
 TOP_N = 5
-
-IMPORTANCE_DEFAULTS = {
-    "prompt_set": "prose",
-    "n_prompts": 16,
-    "reference_set": "prose",
-    "reference_prompts": 32,
-    "flag_fraction": 0.2,
-}
-
 
 # ------------------------------------------------------------------ the loss
 
@@ -69,7 +61,7 @@ def _require_causal(handle: ModelHandle) -> None:
         )
 
 
-def _batches(handle: ModelHandle, prompts: TokenizedPrompts, batch_size: int) -> list[Batch]:
+def _batches(handle: ModelHandle, prompts: TokenizedPrompts, batch_size: int) -> list[PaddedBatch]:
     """Right-padded batches, kept so that every pass sees the very same inputs."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise HeadscopeError(f"batch size must be a positive integer, got {batch_size!r}")
@@ -79,32 +71,31 @@ def _batches(handle: ModelHandle, prompts: TokenizedPrompts, batch_size: int) ->
             f"prompt(s) {short[:5]} of '{prompts.name}' have fewer than 2 tokens: "
             "they have no next token to predict"
         )
-    pad_id = pad_id_of(handle)
-    return [(tokens, lengths) for _, tokens, lengths in padded_batches(prompts, batch_size, pad_id)]
+    return list(prompts.padded(batch_size, handle.pad_id))
 
 
-def _prompt_losses(handle: ModelHandle, tokens: Tensor, lengths: Tensor) -> Float[Tensor, " batch"]:
+def _prompt_losses(handle: ModelHandle, batch: PaddedBatch) -> Float[Tensor, " batch"]:
     """Each prompt's mean next-token NLL (nats) over its real targets (padding excluded)."""
     device = handle.device
-    valid = torch.arange(tokens.shape[1])[None] < lengths[:, None]
+    valid = batch.mask
     logits = handle.model(
-        input_ids=tokens.to(device), attention_mask=valid.long().to(device)
+        input_ids=batch.tokens.to(device), attention_mask=valid.long().to(device)
     ).logits
     logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
     log_probs = torch.log_softmax(logits, dim=-1)
-    targets = tokens[:, 1:].to(device)
+    targets = batch.tokens[:, 1:].to(device)
     nll = -log_probs.gather(-1, targets[..., None])[..., 0]
     target_mask = valid[:, 1:].to(device)
     return (nll * target_mask).sum(1) / target_mask.sum(1)
 
 
-def _mean_loss(handle: ModelHandle, batches: list[Batch]) -> float:
+def _mean_loss(handle: ModelHandle, batches: list[PaddedBatch]) -> float:
     """The mean over prompts of each prompt's mean NLL, without gradients."""
     total, count = 0.0, 0
     with torch.inference_mode():
-        for tokens, lengths in batches:
-            total += float(_prompt_losses(handle, tokens, lengths).double().sum())
-            count += len(lengths)
+        for batch in batches:
+            total += float(_prompt_losses(handle, batch).double().sum())
+            count += len(batch.lengths)
     return total / count
 
 
@@ -141,29 +132,30 @@ def gradient_importance(
     prompts: TokenizedPrompts,
     *,
     batch_size: int = 8,
-    on_batch: Callable[[int], None] | None = None,
+    on_progress: Progress | None = None,
 ) -> tuple[Float[Tensor, "layer head"], Float[Tensor, "layer head"]]:
     """Michel et al.'s ``I_h = E_x |∂L(x)/∂ξ_h|`` (raw) and its per-layer ℓ2-normalized form.
 
     Both are float64 [layer, head] on CPU; a layer whose raw row is all zero
-    stays zero when normalized. ``on_batch(n)`` is called after each batch of
-    n prompts.
+    stays zero when normalized. ``on_progress`` counts prompts under the label
+    "head importance: gradients".
     """
     _require_causal(handle)
     arch = handle.arch
     batches = _batches(handle, prompts, batch_size)
     total = torch.zeros(arch.n_layers, arch.n_heads, dtype=torch.float64)
+    advance = counter(on_progress, "head importance: gradients", len(prompts))
     with torch.inference_mode(False), torch.enable_grad(), _head_gates(handle) as current:
-        for tokens, lengths in batches:
+        for batch in batches:
+            rows = len(batch.lengths)
             gates = torch.ones(
-                len(lengths), arch.n_layers, arch.n_heads, device=handle.device, requires_grad=True
+                rows, arch.n_layers, arch.n_heads, device=handle.device, requires_grad=True
             )
             current["gates"] = gates
-            losses = _prompt_losses(handle, tokens, lengths)
+            losses = _prompt_losses(handle, batch)
             (gradient,) = torch.autograd.grad(losses.sum(), gates)
             total += gradient.abs().sum(0).double().cpu()
-            if on_batch is not None:
-                on_batch(len(lengths))
+            advance(rows)
     raw = total / len(prompts)
     norms = raw.norm(dim=1, keepdim=True)
     normalized = torch.where(norms > 0, raw / norms.clamp_min(1e-300), torch.zeros_like(raw))
@@ -180,13 +172,13 @@ def ablation_importance(
     reference_set: str = "prose",
     reference_prompts: int = 32,
     batch_size: int = 8,
-    on_head: Callable[[], None] | None = None,
+    on_progress: Progress | None = None,
 ) -> tuple[Float[Tensor, "layer head"], float]:
     """(ablated loss − base loss per head [layer, head] float64, base loss).
 
     Each head is mean-ablated alone, with its pooled mean output over the first
     ``reference_prompts`` of ``reference_set`` (one reference pass for all
-    heads). ``on_head()`` is called after each head.
+    heads). ``on_progress`` counts heads under the label "head importance: ablations".
     """
     _require_causal(handle)
     arch = handle.arch
@@ -198,6 +190,7 @@ def ablation_importance(
     )  # fmt: skip
     base_loss = _mean_loss(handle, batches)
     delta = torch.zeros(arch.n_layers, arch.n_heads, dtype=torch.float64)
+    advance = counter(on_progress, "head importance: ablations", len(heads))
     for head in heads:
         alone = Ablation(
             method="mean",
@@ -207,8 +200,7 @@ def ablation_importance(
         )
         with handle.ablated(alone, bridge=False):
             delta[head] = _mean_loss(handle, batches) - base_loss
-        if on_head is not None:
-            on_head()
+        advance()
     return delta, base_loss
 
 
@@ -220,7 +212,7 @@ def spearman(a: np.ndarray | Tensor, b: np.ndarray | Tensor) -> float:
     x = np.asarray(a, dtype=np.float64).ravel()
     y = np.asarray(b, dtype=np.float64).ravel()
     if x.shape != y.shape:
-        raise ValueError(f"spearman needs equal sizes, got {x.size} and {y.size}")
+        raise HeadscopeError(f"spearman needs equal sizes, got {x.size} and {y.size}")
     rank_x = rankdata(x) - (x.size + 1) / 2
     rank_y = rankdata(y) - (y.size + 1) / 2
     denominator = math.sqrt(float((rank_x**2).sum() * (rank_y**2).sum()))
@@ -234,7 +226,7 @@ def _descending_ranks(values: np.ndarray) -> np.ndarray:
 
 def _top_heads(values: np.ndarray, n: int = TOP_N) -> list[str]:
     order = np.argsort(-values.ravel(), kind="stable")[:n]
-    return [head_key(*divmod(int(i), values.shape[1])) for i in order]
+    return [head_name(*divmod(int(i), values.shape[1])) for i in order]
 
 
 # ------------------------------------------------------------------ detector
@@ -269,7 +261,7 @@ def detect_head_importance(
     *,
     stats_by_set: dict[str, object] | None = None,
     batch_size: int = 8,
-    on_batch: Callable[[int], None] | None = None,
+    on_progress: Progress | None = None,
     prompt_set: str = "prose",
     n_prompts: int = 16,
     reference_set: str = "prose",
@@ -283,8 +275,8 @@ def detect_head_importance(
     the loss is never measured on the prompts that gave the ablation means.
     Flags the top ``flag_fraction`` of heads by normalized gradient importance
     (ties broken by order). ``stats_by_set`` is not used (the experiment runs
-    the model itself). ``on_batch(n)`` is called as prompts go through the
-    model: per batch of the gradient pass, then ``n_prompts`` per ablated head.
+    the model itself). ``on_progress`` reports the gradient pass (prompts) and
+    the ablations (heads).
     """
     del stats_by_set
     _require_causal(handle)
@@ -298,11 +290,13 @@ def detect_head_importance(
     prompts, start = _evaluation_prompts(
         handle, prompt_set, n_prompts, reference_set, reference_prompts
     )
-    raw, normalized = gradient_importance(handle, prompts, batch_size=batch_size, on_batch=on_batch)
+    raw, normalized = gradient_importance(
+        handle, prompts, batch_size=batch_size, on_progress=on_progress
+    )
     delta, base_loss = ablation_importance(
         handle, prompts, reference_set=reference_set, reference_prompts=reference_prompts,
         batch_size=batch_size,
-        on_head=None if on_batch is None else (lambda: on_batch(len(prompts))),
+        on_progress=on_progress,
     )  # fmt: skip
     raw_np, normalized_np, delta_np = raw.numpy(), normalized.numpy(), delta.numpy()
     rank_gradient = _descending_ranks(normalized_np)
@@ -325,7 +319,6 @@ def detect_head_importance(
         normalized_np,
         flagged.reshape(normalized_np.shape),
         evidence,
-        detector="head_importance",
         prompt_set=prompts.name,
         params={
             "n_prompts": n_prompts,

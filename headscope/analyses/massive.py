@@ -1,4 +1,4 @@
-"""Massive activations (Sun et al. 2024, METHODS §2): detection and the mean-vs-zero test.
+"""Massive activations (Sun et al. 2024): detection and the mean-vs-zero test.
 
 A massive activation is a residual-stream entry (a decoder block's output)
 with ``|h| > magnitude`` (default 100) and ``|h| ≥ ratio × median |h|`` of that
@@ -20,6 +20,9 @@ prose, overwrite the massive entries at their first layer (in the massive dims,
 wherever an entry passes the criterion) with their mean over the detection set,
 or with zero, and compare perplexity with the untouched model. Setting them to
 the mean should keep perplexity; zeroing them should break the model.
+
+Definitions, defaults and our choices: docs/methods.md, "massive_activations"
+and "massive_intervention".
 """
 
 from __future__ import annotations
@@ -31,18 +34,12 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from headscope.analyses.tables import LayerTable
 from headscope.errors import HeadscopeError, NotApplicable
-from headscope.probes.models import ModelHandle
+from headscope.probes.handle import ModelHandle
 from headscope.probes.perplexity import measure_perplexity
 from headscope.probes.streaming import layer_median, probe_streaming
-
-MASSIVE_DEFAULTS = {"magnitude": 100.0, "ratio": 1000.0, "min_fraction": 0.5}
-INTERVENTION_DEFAULTS = {
-    **MASSIVE_DEFAULTS,
-    "detect_on": "prose",
-    "evaluate_on": "prose-heldout",
-}
+from headscope.progress import Progress
+from headscope.tables import LayerTable
 
 
 def massive_mask(stats, *, magnitude: float, ratio: float) -> np.ndarray:
@@ -98,7 +95,6 @@ def detect_massive_activations(
     return LayerTable(
         frame=frame,
         n_layers=stats.n_layers,
-        detector="massive_activations",
         prompt_set=stats.prompt_set,
         params={
             "magnitude": magnitude,
@@ -153,7 +149,7 @@ def run_massive_intervention(
     detect_on: str = "prose",
     evaluate_on: str = "prose-heldout",
     batch_size: int = 8,
-    on_batch=None,
+    on_progress: Progress | None = None,
 ) -> LayerTable:
     """Held-out perplexity: untouched, massive entries set to their mean, set to zero."""
     if not handle.arch.causal:
@@ -183,7 +179,7 @@ def run_massive_intervention(
         if name != "original":
             edit = (layer, _overwrite(dims, replacement, magnitude, ratio, counter))
         perplexity, _ = measure_perplexity(
-            handle, held_out, batch_size=batch_size, edit_block=edit, on_batch=on_batch
+            handle, held_out, batch_size=batch_size, edit_block=edit, on_progress=on_progress
         )
         perplexities[name] = perplexity.value()
         edited[name] = counter["entries"]
@@ -209,7 +205,6 @@ def run_massive_intervention(
     return LayerTable(
         frame=frame,
         n_layers=handle.arch.n_layers,
-        detector="massive_intervention",
         prompt_set=held_out.name,
         params={
             "magnitude": magnitude,

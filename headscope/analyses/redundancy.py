@@ -1,4 +1,4 @@
-"""Layer redundancy: which attention modules, MLPs and blocks can be removed (METHODS §7).
+"""Layer redundancy: which attention modules, MLPs and blocks can be removed.
 
 Five LayerTables come from one measurement (``probes.layer_similarity``) on a
 calibration prompt set:
@@ -22,23 +22,24 @@ calibration prompt set:
   attention maps).
 
 Drop simulation, the expensive part (one held-out perplexity per point), is in
-``analyses.drop_simulation``.
+``analyses.drop_simulation``. Definitions, defaults and our choices:
+docs/methods.md, "layer_redundancy".
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from headscope.analyses.registry import keyword_defaults
-from headscope.analyses.tables import LayerTable
+from headscope.probes.handle import ModelHandle
 from headscope.probes.layer_similarity import LayerSimilarity, measure_layer_similarity
-from headscope.probes.models import ModelHandle
+from headscope.progress import Progress
+from headscope.tables import LayerTable
 
 REDUNDANCY_TABLES = (
     "llm_drop_attention",
@@ -186,7 +187,7 @@ def detect_layer_redundancy(
     *,
     stats_by_set: Mapping[str, Any] | None = None,
     batch_size: int = 8,
-    on_batch: Callable[[int], None] | None = None,
+    on_progress: Progress | None = None,
     prompt_set: str = "prose",
     n_prompts: int | None = 64,
     attention_maps: bool = True,
@@ -200,7 +201,11 @@ def detect_layer_redundancy(
     del stats_by_set
     prompts = handle.tokenize(prompt_set, n_prompts)
     similarity = measure_layer_similarity(
-        handle, prompts, batch_size=batch_size, attention_maps=attention_maps, on_batch=on_batch
+        handle,
+        prompts,
+        batch_size=batch_size,
+        attention_maps=attention_maps,
+        on_progress=on_progress,
     )
     params = {"prompt_set": prompt_set, "n_prompts": len(prompts)}
     return redundancy_tables(similarity, flag_fraction=flag_fraction, params=params)
@@ -221,6 +226,3 @@ def one_shot_orders(similarity: LayerSimilarity) -> dict[str, dict[str, list[int
         },
         "block": {"similarity": redundancy_order(similarity.block), "block_influence": bi_order},
     }
-
-
-REDUNDANCY_DEFAULTS = keyword_defaults(detect_layer_redundancy)

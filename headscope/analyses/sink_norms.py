@@ -1,4 +1,4 @@
-"""Value-state drain and residual-state peak of the sink token (Guo et al. 2024, METHODS §2).
+"""Value-state drain and residual-state peak of the sink token (Guo et al. 2024).
 
 Guo et al. explain the first-token sink as a mechanism: the sink token's value
 vectors are small (attending to it adds almost nothing: the *value-state
@@ -15,6 +15,9 @@ The paper publishes no thresholds; ours (0.5 and 10) are parameters. The sink
 token is position ``position`` (default 0, the first-token sink); the evidence
 also gives the ratios of the other first positions, so a hidden sink at a
 fixed position (e.g. a delimiter right after BOS) shows too.
+
+Definitions, defaults and our choices: docs/methods.md, "value_drain" and
+"residual_peak".
 """
 
 from __future__ import annotations
@@ -22,11 +25,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from headscope.analyses.tables import LayerTable
 from headscope.errors import HeadscopeError
+from headscope.tables import LayerTable
 
-VALUE_DRAIN_DEFAULTS = {"position": 0, "max_ratio": 0.5}
-RESIDUAL_PEAK_DEFAULTS = {"position": 0, "min_ratio": 10.0}
 _EVIDENCE_POSITIONS = 8
 
 
@@ -79,7 +80,6 @@ def detect_value_drain(stats, *, position: int = 0, max_ratio: float = 0.5) -> L
     return LayerTable(
         frame=frame,
         n_layers=stats.n_layers,
-        detector="value_drain",
         prompt_set=stats.prompt_set,
         params={"position": position, "max_ratio": max_ratio},
         summary={
@@ -112,7 +112,6 @@ def detect_residual_peak(stats, *, position: int = 0, min_ratio: float = 10.0) -
     return LayerTable(
         frame=frame,
         n_layers=stats.n_layers,
-        detector="residual_peak",
         prompt_set=stats.prompt_set,
         params={"position": position, "min_ratio": min_ratio},
         summary={

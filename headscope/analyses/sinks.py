@@ -1,4 +1,4 @@
-"""First-token attention sinks: per-head sink score α_k and the sink rate (METHODS §2).
+"""First-token attention sinks: per-head sink score α_k and the sink rate (Gu et al. 2024).
 
 Gu et al. (2024) define, for key k and a head, α_k = (1/(T−k)) Σ_{i≥k} A[i, k]
 (0-based: the mean attention that k receives from the queries that can see it)
@@ -10,19 +10,21 @@ Where the paper leaves it open we choose, and say so in the table's params:
 the rate is computed per sequence and averaged over sequences
 (``sink_rate``); the rate of the prompt-averaged α (``sink_rate_of_mean``) is
 reported beside it. The per-head score in the table is α_k averaged over prompts.
+
+Definitions, defaults and our choices: docs/methods.md, "first_token_sink".
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from headscope.analyses.tables import HeadTable
 from headscope.errors import HeadscopeError
+from headscope.tables import HeadTable
 
-DEFAULT_EPSILON = 0.3
+SINK_EPSILON = 0.3
 
 
-def detect_first_token_sink(stats, *, epsilon: float = DEFAULT_EPSILON, key: int = 0) -> HeadTable:
+def detect_first_token_sink(stats, *, epsilon: float = SINK_EPSILON, key: int = 0) -> HeadTable:
     """Heads whose α_key exceeds ε (default: the first token, ε = 0.3).
 
     ``stats`` is a StreamingStatistics (the scan's source) or a
@@ -55,7 +57,6 @@ def detect_first_token_sink(stats, *, epsilon: float = DEFAULT_EPSILON, key: int
         mean_alpha,
         mean_alpha > epsilon,
         evidence,
-        detector="first_token_sink",
         prompt_set=stats.prompt_set,
         params={"epsilon": epsilon, "key": key, "rate": "per prompt, then averaged"},
         summary={

@@ -1,4 +1,4 @@
-"""StreamingLLM reproduced: window attention with and without the first tokens (METHODS §2).
+"""StreamingLLM reproduced: window attention with and without the first tokens.
 
 Xiao et al. show that window attention (each query sees only the last W keys)
 collapses once the text is longer than the window: the first token, where
@@ -20,25 +20,21 @@ the window replaces full attention only (see ``probes/streaming.py``).
 The text length T must be at least 4 W (the issue's floor); when the model's
 context is too short for the default window, the window shrinks to T / 8 and
 the table's params say so.
+
+Definitions, defaults and our choices: docs/methods.md, "streaming_window".
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from headscope.analyses.tables import HeadTable
+from headscope.analyses.sinks import SINK_EPSILON
 from headscope.data import get_prompt_set
 from headscope.errors import HeadscopeError, NotApplicable
-from headscope.probes.models import ModelHandle
+from headscope.probes.handle import ModelHandle
 from headscope.probes.perplexity import measure_perplexity
-
-STREAMING_WINDOW_DEFAULTS = {
-    "window": 256,
-    "n_sink_tokens": 4,
-    "prompt_set": "prose-long",
-    "seq_len": None,
-    "epsilon": 0.3,
-}
+from headscope.progress import Progress
+from headscope.tables import HeadTable
 
 
 def run_streaming_window(
@@ -48,10 +44,10 @@ def run_streaming_window(
     n_sink_tokens: int = 4,
     prompt_set: str = "prose-long",
     seq_len: int | None = None,
-    epsilon: float = 0.3,
+    epsilon: float = SINK_EPSILON,
     stats_by_set=None,
     batch_size: int = 1,
-    on_batch=None,
+    on_progress: Progress | None = None,
 ) -> HeadTable:
     """Perplexity with full, window (0 sinks) and window (``n_sink_tokens`` sinks) attention.
 
@@ -84,7 +80,7 @@ def run_streaming_window(
     for name, attention in runs.items():
         perplexity, stats = measure_perplexity(
             handle, prompts, batch_size=1, collect_statistics=name == "full",
-            on_batch=on_batch, **attention,
+            on_progress=on_progress, **attention,
         )  # fmt: skip
         perplexities[name] = perplexity
         statistics = statistics or stats
@@ -104,7 +100,6 @@ def run_streaming_window(
         late_sink,
         late_sink > epsilon,
         evidence,
-        detector="streaming_window",
         prompt_set=prompts.name,
         params={
             "window": window,

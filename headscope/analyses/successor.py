@@ -1,4 +1,4 @@
-"""Successor heads (Gould et al. 2023, METHODS §4): heads whose OV circuit maps an ordinal
+"""Successor heads (Gould et al. 2023): heads whose OV circuit maps an ordinal
 token to the next one ("Monday" -> "Tuesday", "3" -> "4"). Such a head is defined by what
 it writes, not where it attends, so it is read off the weights, then checked behaviourally.
 
@@ -23,13 +23,15 @@ it writes, not where it attends, so it is read off the weights, then checked beh
    log-probability clean, with the top successor heads mean-ablated, and with
    as many random other heads mean-ablated (``n_random`` seeded draws). A real
    successor head hurts the continuation more than random heads do.
+
+Definitions, defaults and our choices: docs/methods.md, "successor".
 """
 
 from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,12 +40,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from headscope.ablation_spec import head_name
 from headscope.analyses.registry import keyword_defaults
-from headscope.analyses.tables import HeadTable
-from headscope.data.prompt_sets import _encode
+from headscope.data.ordinal import ORDINAL_TASKS, task_by_name
+from headscope.data.prompt_sets import PaddedBatch, encode_text
 from headscope.errors import HeadscopeError, NotApplicable
-from headscope.probes.ablation import Ablation, Head, head_key, mean_ablation
-from headscope.probes.models import ModelHandle
+from headscope.probes.ablation import Ablation, Head, mean_ablation
+from headscope.probes.handle import ModelHandle
 from headscope.probes.sites import (
     block_sites,
     embed_tokens,
@@ -52,44 +55,10 @@ from headscope.probes.sites import (
     unembedding,
 )
 from headscope.probes.sites import final_norm as final_norm_module
-from headscope.probes.streaming import pad_id_of
+from headscope.progress import Progress, counter
+from headscope.tables import HeadTable
 
 RUN_LENGTH = 4  # items per continuation prompt: three shown, the fourth predicted
-
-
-# ------------------------------------------------------------------ ordinal tasks
-
-
-@dataclass(frozen=True)
-class OrdinalTask:
-    """An ordered list of items; ``cyclic`` when the last is followed by the first."""
-
-    name: str
-    items: tuple[str, ...]
-    cyclic: bool
-
-
-_DAYS = tuple("Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split())
-_MONTHS = tuple(
-    "January February March April May June July August September October November December".split()
-)
-_NUMBER_WORDS = tuple(
-    "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-    "sixteen seventeen eighteen nineteen twenty".split()
-)
-_ORDINALS = tuple("first second third fourth fifth sixth seventh eighth ninth tenth".split())
-
-ORDINAL_TASKS: tuple[OrdinalTask, ...] = (
-    OrdinalTask("numbers", tuple(str(i) for i in range(1, 201)), cyclic=False),
-    OrdinalTask("number_words", _NUMBER_WORDS, cyclic=False),
-    OrdinalTask("ordinals", _ORDINALS, cyclic=False),
-    OrdinalTask("days", _DAYS, cyclic=True),
-    OrdinalTask("months", _MONTHS, cyclic=True),
-    OrdinalTask("day_abbreviations", tuple(d[:3] for d in _DAYS), cyclic=True),
-    OrdinalTask("month_abbreviations", tuple(m[:3] for m in _MONTHS), cyclic=True),
-    OrdinalTask("letters", tuple(chr(ord("A") + i) for i in range(26)), cyclic=False),
-)
-TASKS_BY_NAME: dict[str, OrdinalTask] = {task.name: task for task in ORDINAL_TASKS}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,7 +89,7 @@ def _item_token(tokenizer: Any, item: str) -> tuple[int, bool] | None:
     The token must decode back to the item (not an unknown or byte-fallback token).
     """
     for text, spaced in ((" " + item, True), (item, False)):
-        ids = _encode(tokenizer, text)
+        ids = encode_text(tokenizer, text)
         if len(ids) == 1 and tokenizer.decode(ids).strip() == item:
             return ids[0], spaced
     return None
@@ -130,14 +99,6 @@ def _successor_index(position: int, n_items: int, cyclic: bool) -> int | None:
     if position + 1 < n_items:
         return position + 1
     return 0 if cyclic and n_items > 1 else None
-
-
-def task_by_name(name: str) -> OrdinalTask:
-    if name not in TASKS_BY_NAME:
-        raise HeadscopeError(
-            f"unknown ordinal task '{name}'; choose from {', '.join(TASKS_BY_NAME)}"
-        )
-    return TASKS_BY_NAME[name]
 
 
 def ordinal_token_sets(tokenizer: Any, tasks: Sequence[str] | None = None) -> tuple[TokenSet, ...]:
@@ -339,21 +300,21 @@ def continuation_prompts(
     that merges across the comma) is skipped. BOS is prepended when the model
     expects one.
     """
-    bos = [handle.arch.bos_token_id] if handle.arch.prepend_bos else []
+    n_bos = 0 if handle.bos_id is None else 1
     prompts = []
     for token_set in token_sets:
         task_prompts = []
         for run in _runs(token_set):
             text = ", ".join(token_set.items[i] for i in run)
-            ids = _encode(handle.tokenizer, text)
+            ids = handle.encode(text)  # BOS first when the model wants one
             target = token_set.token_ids[run[-1]]
-            if len(ids) < 2 or ids[-1] != target:
+            if len(ids) - n_bos < 2 or ids[-1] != target:
                 continue
             task_prompts.append(
                 ContinuationPrompt(
                     task=token_set.task,
                     text=text,
-                    tokens=tuple(bos + ids[:-1]),
+                    tokens=tuple(ids[:-1]),
                     target_id=target,
                     target_item=token_set.items[run[-1]],
                 )
@@ -387,21 +348,19 @@ def continuation_accuracy(
     """
     if not prompts:
         raise HeadscopeError("no continuation prompts to score")
-    pad = pad_id_of(handle)
     correct: list[bool] = []
     log_probs: list[float] = []
     scope = handle.ablated(ablation) if ablation is not None else contextlib.nullcontext()
     with scope:
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start : start + batch_size]
-            lengths = torch.tensor([len(p.tokens) for p in batch])
-            tokens = torch.full((len(batch), int(lengths.max())), pad, dtype=torch.long)
-            for row, prompt in enumerate(batch):
-                tokens[row, : len(prompt.tokens)] = torch.tensor(prompt.tokens)
-            mask = (torch.arange(tokens.shape[1])[None] < lengths[:, None]).long()
-            tokens, mask = tokens.to(handle.device), mask.to(handle.device)
+            padded = PaddedBatch.from_sequences(
+                range(start, start + len(batch)), [p.tokens for p in batch], handle.pad_id
+            )
+            tokens = padded.tokens.to(handle.device)
+            mask = padded.mask.long().to(handle.device)
             logits = handle.model(input_ids=tokens, attention_mask=mask, use_cache=False).logits
-            last = logits[torch.arange(len(batch)), lengths - 1].float().cpu()
+            last = logits[torch.arange(len(batch)), padded.lengths - 1].float().cpu()
             targets = torch.tensor([p.target_id for p in batch])
             log_prob = torch.log_softmax(last, -1).gather(1, targets[:, None])[:, 0]
             correct += (last.argmax(-1) == targets).tolist()
@@ -430,8 +389,8 @@ class BehaviouralCheck:
         """Flat, JSON-able figures (random: mean, sample std over draws, every draw)."""
         out: dict[str, Any] = {
             "behaviour_prompts": self.n_prompts,
-            "ablated_heads": [head_key(*h) for h in self.top_heads],
-            "random_heads": [[head_key(*h) for h in draw] for draw in self.random_heads],
+            "ablated_heads": [head_name(*h) for h in self.top_heads],
+            "random_heads": [[head_name(*h) for h in draw] for draw in self.random_heads],
             "ablation_reference": dict(self.reference),
         }
         for name in ("accuracy", "mean_log_prob"):
@@ -466,13 +425,13 @@ def behavioural_check(
     reference_prompts: int = 32,
     seed: int = 0,
     batch_size: int = 8,
-    on_batch: Callable[[int], None] | None = None,
+    on_progress: Progress | None = None,
 ) -> BehaviouralCheck:
     """Continuation accuracy clean, with ``top_heads`` and with random heads mean-ablated.
 
     Each head's mean output is measured once, on the first ``reference_prompts``
     of ``reference_set``, for the union of all heads ablated in any condition.
-    ``on_batch(1)`` is called after each condition.
+    ``on_progress`` counts the conditions (clean, top heads, each random draw).
     """
     arch = handle.arch
     top = tuple(top_heads)
@@ -483,6 +442,7 @@ def behavioural_check(
     )
 
     scored: dict[tuple[Head, ...], ContinuationScore] = {}  # () is clean; a repeat runs once
+    advance = counter(on_progress, "successor: ablation conditions", 2 + len(draws))
     for heads in ((), top, *draws):
         if heads not in scored:
             ablation = None
@@ -492,8 +452,7 @@ def behavioural_check(
             scored[heads] = continuation_accuracy(
                 handle, prompts, ablation=ablation, batch_size=batch_size
             )
-        if on_batch is not None:
-            on_batch(1)
+        advance()
     return BehaviouralCheck(
         n_prompts=len(prompts),
         top_heads=top,
@@ -513,7 +472,7 @@ def detect_successor_heads(
     *,
     stats_by_set: Mapping[str, Any] | None = None,
     batch_size: int = 8,
-    on_batch: Callable[[int], None] | None = None,
+    on_progress: Progress | None = None,
     threshold: float = 0.4,
     final_norm: bool = True,
     include_residual: bool = False,
@@ -526,13 +485,17 @@ def detect_successor_heads(
     tasks: Sequence[str] | None = None,
     prompts_per_task: int = 40,
 ) -> HeadTable:
-    """Succession score of every head (effective OV, METHODS §4) and the ablation check.
+    """Succession score of every head (Gould et al.'s effective OV) and the ablation check.
 
     ``stats_by_set`` is accepted for the experiment signature and unused (the
     score needs weights only). ``tasks`` restricts the ordinal tasks (default:
     all of ``ORDINAL_TASKS``). ``behaviour=False`` skips the continuation check.
     """
-    params = {name: value for name, value in locals().items() if name in SUCCESSOR_DEFAULTS}
+    params = {
+        name: value
+        for name, value in locals().items()
+        if name in keyword_defaults(detect_successor_heads)
+    }
     del stats_by_set
     if top_k < 1:
         raise HeadscopeError(f"top_k must be at least 1, got {top_k}")
@@ -557,13 +520,13 @@ def detect_successor_heads(
         "n_items": sum(s.n_items for s in token_sets),
         "n_single_token_items": sum(len(s.items) for s in token_sets),
         "n_pairs": succession.n_pairs,
-        "best_head": head_key(*best),
+        "best_head": head_name(*best),
         "best_score": float(scores[best]),
         "n_flagged": int((scores > threshold).sum()),
     }
     copying = succession.copy_scores
     best_copy = np.unravel_index(int(np.argmax(copying)), copying.shape)
-    summary["best_copy_head"] = head_key(*map(int, best_copy))
+    summary["best_copy_head"] = head_name(*map(int, best_copy))
     summary["best_copy_score"] = float(copying[best_copy])
     if behaviour:
         prompts = continuation_prompts(handle, token_sets, per_task=prompts_per_task)
@@ -577,7 +540,7 @@ def detect_successor_heads(
                 reference_prompts=reference_prompts,
                 seed=seed,
                 batch_size=batch_size,
-                on_batch=on_batch,
+                on_progress=on_progress,
             )
             summary.update(check.summary())
         else:
@@ -587,7 +550,6 @@ def detect_successor_heads(
         scores,
         scores > threshold,
         evidence=evidence,
-        detector="successor",
         prompt_set="ordinal",
         params={
             **params,
@@ -601,4 +563,3 @@ def detect_successor_heads(
 
 
 #: detect_successor_heads's parameters and defaults (from its signature, so they cannot drift)
-SUCCESSOR_DEFAULTS: dict[str, Any] = keyword_defaults(detect_successor_heads)

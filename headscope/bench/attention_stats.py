@@ -37,6 +37,7 @@ from functools import partial
 from pathlib import Path
 
 from headscope.bench import append_results
+from headscope.errors import HeadscopeError
 
 MODES = ("sdpa", "sdpa-body", "streaming", "tl")
 TL_MEMORY_LIMIT_GB = 16.0  # the machine has 24 GiB; patterns beyond this cannot fit
@@ -46,7 +47,7 @@ def _vm_hwm_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024.0
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    raise HeadscopeError("no VmHWM in /proc/self/status: peak memory needs Linux")
 
 
 def _reset_peak() -> None:
@@ -58,7 +59,7 @@ def child(mode: str, length: int, model: str, repeats: int) -> dict:
     import torch
 
     from headscope.data import get_prompt_set
-    from headscope.probes.models import load_model
+    from headscope.probes.loading import load_model
     from headscope.probes.streaming import probe_streaming
 
     handle = load_model(model)

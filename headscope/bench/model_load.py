@@ -30,7 +30,7 @@ from headscope.bench import append_results
 CHILD = """
 import json, time
 t0 = time.perf_counter()
-from headscope.probes.models import load_model
+from headscope.probes.loading import load_model
 handle = load_model({spec!r})
 print(json.dumps({{"load_s": handle.load_seconds, "cache_hit": handle.cache_hit,
                    "in_process_s": time.perf_counter() - t0}}))

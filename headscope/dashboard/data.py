@@ -28,13 +28,6 @@ from headscope.text import plain
 
 RUNS_DIR_ENV = "HEADSCOPE_RUNS_DIR"
 RUN_KEY, COMPARE_KEY, HEAD_KEY = "run", "compare_run", "head"
-#: the detectors the Sinks page shows; Roles shows every other head detector
-SINK_DETECTORS = (
-    "first_token_sink", "hidden_sink", "massive_activations", "value_drain", "residual_peak",
-    "active_dormant", "massive_intervention", "streaming_window",
-)  # fmt: skip
-
-
 #: every ASCII punctuation character: CommonMark lets each be backslash-escaped,
 #: which covers emphasis, links, images, code, HTML tags, tables, math and directives
 _MARKDOWN_SPECIAL = re.compile(r"([!-/:-@\[-`{-~])")
@@ -101,7 +94,7 @@ def opened_run(path: str | Path):
 
 @st.cache_resource(show_spinner=False, max_entries=2)
 def model(spec: str, device: str = "cpu"):
-    from headscope.probes.models import load_model
+    from headscope.probes.loading import load_model
 
     return load_model(spec, device=device)
 
@@ -112,9 +105,7 @@ def attention_on_prompt(spec: str, device: str, text: str, layer: int) -> dict[s
     import torch
 
     handle = model(spec, device)
-    ids = handle.tokenizer(text, add_special_tokens=False).input_ids[:256]
-    if handle.arch.prepend_bos and handle.arch.bos_token_id is not None:
-        ids = [handle.arch.bos_token_id, *ids]
+    ids = handle.encode(text, max_text_tokens=256)  # BOS first when the model wants one
     if not ids:
         raise HeadscopeError("the prompt has no tokens")
     tokens = torch.tensor([ids], device=handle.device)
@@ -156,12 +147,3 @@ def checked_run(path: str):
     except Exception as err:  # noqa: BLE001 - a damaged file can fail in any reader
         show_error(f"Cannot read the run {path}: {type(err).__name__}: {err}")
         st.stop()
-
-
-def head_label(layer: int, head: int) -> str:
-    return f"L{layer}H{head}"
-
-
-def parse_head_label(text: str) -> tuple[int, int]:
-    layer, head = text.removeprefix("L").split("H")
-    return int(layer), int(head)

@@ -2,10 +2,12 @@
 
 ``get_prompt_set("prose")`` (or a path to a .txt/.jsonl file) gives a frozen
 ``PromptSet``; ``PromptSet.tokenize(tokenizer, bos_token_id=...)`` gives the
-``TokenizedPrompts`` a probe batches with ``batches(batch_size)``. The split
-keeps prompt content (hashed without a tokenizer) apart from the tokens a given
-model saw (hashed again), so a run records both. See ``prompt_sets`` for the
-kinds and BOS handling and ``catalog`` for the built-in sets.
+``TokenizedPrompts`` a probe batches with ``batches(batch_size)`` (equal
+lengths, no padding) or ``padded(batch_size, pad_id)`` (right-padded, each
+``PaddedBatch`` with its mask). The split keeps prompt content (hashed without a
+tokenizer) apart from the tokens a given model saw (hashed again), so a run
+records both. See ``prompt_sets`` for the kinds and BOS handling and ``catalog``
+for the built-in sets.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 from headscope.data.catalog import builtin_prompt_sets, get_prompt_set, prompt_set_from_file
 from headscope.data.prompt_sets import (
     PROMPT_SET_KINDS,
+    PaddedBatch,
     PromptSet,
     PromptSetKind,
     TokenizedPrompts,
@@ -21,6 +24,7 @@ from headscope.data.prompt_sets import (
 
 __all__ = [
     "PROMPT_SET_KINDS",
+    "PaddedBatch",
     "PromptSet",
     "PromptSetKind",
     "TokenizedPrompts",

@@ -3,7 +3,7 @@
 Every built-in set is built from text that ships with Python itself (the
 ``pydoc_data`` help topics, a fixed list of standard-library sources) or is
 written below, so a scan needs no download and the same Python gives the same
-prompts. Defaults follow the research defaults in METHODS.md: at least 100
+prompts. Defaults follow the papers' protocols (docs/methods.md): at least 100
 natural-text sequences of 64 tokens for sinks and positional heads, and a random
 sequence of 32 tokens repeated once (after BOS) for induction heads.
 
@@ -22,6 +22,7 @@ import sysconfig
 from collections.abc import Callable
 from pathlib import Path
 
+from headscope.data.ordinal import ORDINAL_TEXTS
 from headscope.data.prompt_sets import PromptSet
 from headscope.errors import HeadscopeError
 
@@ -45,33 +46,6 @@ CODE_SOURCE_FILES: tuple[str, ...] = (
 )
 
 #: short sequences whose next element is predictable from an ordering (successor heads)
-ORDINAL_TEXTS: tuple[str, ...] = (
-    "Monday, Tuesday, Wednesday, Thursday, Friday, Saturday",
-    "Thursday, Friday, Saturday, Sunday, Monday, Tuesday",
-    "January, February, March, April, May, June",
-    "August, September, October, November, December, January",
-    "1, 2, 3, 4, 5, 6, 7, 8",
-    "14, 15, 16, 17, 18, 19, 20",
-    "31, 32, 33, 34, 35, 36",
-    "97, 98, 99, 100, 101, 102",
-    "one, two, three, four, five, six",
-    "five, six, seven, eight, nine, ten",
-    "first, second, third, fourth, fifth",
-    "third, fourth, fifth, sixth, seventh, eighth",
-    "A, B, C, D, E, F, G",
-    "K, L, M, N, O, P, Q",
-    "a, b, c, d, e, f, g",
-    "Mon, Tue, Wed, Thu, Fri",
-    "Wed, Thu, Fri, Sat, Sun",
-    "Jan, Feb, Mar, Apr, May",
-    "Sep, Oct, Nov, Dec, Jan",
-    "I, II, III, IV, V, VI, VII",
-    "1st, 2nd, 3rd, 4th, 5th, 6th",
-    "10, 20, 30, 40, 50, 60",
-    "spring, summer, autumn, winter, spring, summer",
-    "2019, 2020, 2021, 2022, 2023, 2024",
-)
-
 
 #: built-in name -> one-line description
 _DESCRIPTIONS: dict[str, str] = {

@@ -23,6 +23,10 @@ BOS handling is explicit: the tokenizer is always called with
 ``add_special_tokens=False`` and the caller passes the one BOS id to prepend (or
 None), so a model's own tokenizer config can never add a second BOS or an EOS
 behind the probe's back. ``seq_len`` counts that BOS.
+
+Batching belongs to the data too: ``TokenizedPrompts.batches`` groups prompts of
+equal length (no padding); ``TokenizedPrompts.padded`` right-pads prompts of any
+length into batches (``PaddedBatch``) that carry the mask every forward needs.
 """
 
 from __future__ import annotations
@@ -30,11 +34,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 import torch
+from torch import Tensor
 
 from headscope.errors import HeadscopeError
 
@@ -170,7 +175,7 @@ class PromptSet:
         if self.n_prompts == 0:
             raise self._empty_error("n_prompts is 0; give a positive --n-prompts")
         window = self._body_length(bos, minimum=1)
-        stream = _encode(tokenizer, DOCUMENT_SEPARATOR.join(self.texts))[self.start :]
+        stream = encode_text(tokenizer, DOCUMENT_SEPARATOR.join(self.texts))[self.start :]
         available = len(stream) // window
         if available < self.n_prompts:
             after = f" after token {self.start}" if self.start else ""
@@ -246,9 +251,9 @@ class TokenizedPrompts:
         tokens = tuple(self.tokens)
         for i, t in enumerate(tokens):
             if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype != torch.long:
-                raise ValueError(f"prompt {i} of '{self.name}' must be a 1-D int64 tensor")
+                raise HeadscopeError(f"prompt {i} of '{self.name}' must be a 1-D int64 tensor")
             if t.numel() == 0:
-                raise ValueError(f"prompt {i} of '{self.name}' is empty")
+                raise HeadscopeError(f"prompt {i} of '{self.name}' is empty")
         object.__setattr__(self, "tokens", tokens)
 
     @property
@@ -293,6 +298,45 @@ class TokenizedPrompts:
                 chunk = indices[start : start + batch_size]
                 yield chunk, torch.stack([self.tokens[i] for i in chunk])
 
+    def padded(self, batch_size: int, pad_id: int) -> Iterator[PaddedBatch]:
+        """Yield every prompt once, in right-padded batches of up to ``batch_size``.
+
+        Prompts are sorted by length, longest first (ties by index), so a batch
+        pads as little as possible and the batching, hence every sum over it, is
+        the same on every run.
+        """
+        order = sorted(range(len(self.tokens)), key=lambda i: (-len(self.tokens[i]), i))
+        for start in range(0, len(order), batch_size):
+            indices = order[start : start + batch_size]
+            yield PaddedBatch.from_sequences(indices, [self.tokens[i] for i in indices], pad_id)
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class PaddedBatch:
+    """Prompts of unequal length right-padded into one tensor, with the mask of real tokens.
+
+    Row r is prompt ``indices[r]``: ``tokens[r, :lengths[r]]`` are its ids and the
+    rest of the row is the pad id; ``mask[r, t]`` is True on real tokens (as an
+    HF ``attention_mask`` once ``.long()``). All on CPU.
+    """
+
+    indices: list[int]
+    tokens: Tensor  # [batch, T] int64
+    lengths: Tensor  # [batch] int64
+    mask: Tensor  # [batch, T] bool
+
+    @classmethod
+    def from_sequences(
+        cls, indices: Iterable[int], sequences: Sequence[Sequence[int] | Tensor], pad_id: int
+    ) -> PaddedBatch:
+        """Pad ``sequences`` (token ids, row by row; ``indices`` names each) with ``pad_id``."""
+        lengths = torch.tensor([len(ids) for ids in sequences])
+        tokens = torch.full((len(sequences), int(lengths.max())), pad_id, dtype=torch.int64)
+        for row, ids in enumerate(sequences):
+            tokens[row, : lengths[row]] = torch.as_tensor(ids)
+        mask = torch.arange(tokens.shape[1])[None] < lengths[:, None]
+        return cls(indices=list(indices), tokens=tokens, lengths=lengths, mask=mask)
+
 
 def ordinary_token_ids(tokenizer: Any, *, also_exclude: int | None = None) -> torch.Tensor:
     """Every id in ``range(len(tokenizer))`` that is not a special token (ascending, int64).
@@ -311,7 +355,7 @@ def ordinary_token_ids(tokenizer: Any, *, also_exclude: int | None = None) -> to
     return torch.tensor(ordinary, dtype=torch.long)
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
+def encode_text(tokenizer: Any, text: str) -> list[int]:
     """Token ids of one text, with no special tokens added and no length warning.
 
     ``verbose=False`` silences the "sequence length is longer than the specified
@@ -324,7 +368,7 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 
 
 def _encode_many(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text (one batched call; see ``_encode``)."""
+    """Token ids of each text (one batched call; see ``encode_text``)."""
     batch = tokenizer(texts, add_special_tokens=False, verbose=False, return_attention_mask=False)[
         "input_ids"
     ]

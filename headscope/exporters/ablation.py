@@ -15,6 +15,9 @@
 - ``transformer_lens_hooks.py``: a standalone copy of
   ``headscope.exporters.transformer_lens_hooks``, the function that installs
   the spec as TransformerLens hooks.
+- ``ablation_spec.py``: a standalone copy of ``headscope.ablation_spec`` (the
+  spec's format, methods and head names), which the hooks file imports from
+  beside it; the two need torch only, not headscope.
 
 Everything is checked before anything is written, and the folder is written
 under a temporary name and renamed at the end: a failed export leaves nothing.
@@ -33,6 +36,8 @@ from typing import Any
 
 import torch
 
+from headscope import ablation_spec
+from headscope.ablation_spec import SPEC_FORMAT, SPEC_VERSION
 from headscope.errors import HeadscopeError
 from headscope.exporters import transformer_lens_hooks
 from headscope.outputs import (
@@ -42,18 +47,19 @@ from headscope.outputs import (
     versioned_format,
     write_folder,
 )
-from headscope.probes.ablation import SPEC_FORMAT, SPEC_VERSION, Ablation
-from headscope.probes.models import ModelHandle
+from headscope.probes.ablation import Ablation
+from headscope.probes.handle import ModelHandle
 from headscope.probes.sites import block_sites, is_conv1d, zero_head_output_weight
 
 SPEC_FILE = "ablation.json"
 HOOKS_FILE = "transformer_lens_hooks.py"
+SPEC_MODULE_FILE = "ablation_spec.py"
 CHECKPOINT_DIR = "checkpoint"
 ABLATION_FOLDER = FolderKind(
     name="headscope ablation export",
     marker=SPEC_FILE,
     recognise=versioned_format(SPEC_FORMAT, SPEC_VERSION),
-    entries=frozenset({SPEC_FILE, HOOKS_FILE, CHECKPOINT_DIR, "__pycache__"}),
+    entries=frozenset({SPEC_FILE, HOOKS_FILE, SPEC_MODULE_FILE, CHECKPOINT_DIR, "__pycache__"}),
 )
 
 
@@ -168,7 +174,7 @@ def export_ablation(
     force: bool = False,
     checkpoint: bool | None = None,
 ) -> AblationExport:
-    """Write the spec, the hooks file and (zero ablation) the baked checkpoint to ``out``.
+    """Write the spec, the hooks and spec modules and (zero) the baked checkpoint to ``out``.
 
     ``checkpoint``: None bakes one whenever the method is zero; True demands it.
     """
@@ -180,6 +186,7 @@ def export_ablation(
     with write_folder(out, ABLATION_FOLDER, force=force) as tmp:
         (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=1, allow_nan=False) + "\n")
         shutil.copyfile(transformer_lens_hooks.__file__, tmp / HOOKS_FILE)
+        shutil.copyfile(ablation_spec.__file__, tmp / SPEC_MODULE_FILE)
         if baked is not None:
             baked.save_pretrained(tmp / CHECKPOINT_DIR, safe_serialization=True)
             handle.tokenizer.save_pretrained(tmp / CHECKPOINT_DIR)

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from headscope.ablation_spec import head_name
 from headscope.checks import check_batch_size, check_count
 from headscope.errors import HeadscopeError
 from headscope.outputs import (
@@ -42,7 +43,7 @@ from headscope.outputs import (
     write_folder,
 )
 from headscope.probes.ablation import Ablation, Head, check_heads
-from headscope.probes.models import ModelHandle
+from headscope.probes.handle import ModelHandle
 from headscope.probes.sites import block_list
 
 PRUNE_FILE = "prune.json"
@@ -97,7 +98,7 @@ class PrunePlan:
         return {
             "attention_layers": list(self.attention_layers),
             "blocks": list(self.blocks),
-            "heads": [f"L{layer}H{head}" for layer, head in self.heads],
+            "heads": [head_name(layer, head) for layer, head in self.heads],
             "reason": dict(self.reason),
         }
 
@@ -170,7 +171,6 @@ def export_pruned(
     """
     import headscope
     from headscope.probes.perplexity import plain_perplexity
-    from headscope.probes.streaming import pad_id_of
 
     folder = check_output_folder(out, PRUNE_FOLDER, force=force)
     check_batch_size(batch_size)
@@ -179,7 +179,7 @@ def export_pruned(
     perplexity = None
     if eval_prompt_set is not None and handle.arch.causal:
         prompts = handle.tokenize(eval_prompt_set, eval_prompts)
-        pad = pad_id_of(handle)
+        pad = handle.pad_id
         before = plain_perplexity(handle.model, prompts, pad_id=pad, batch_size=batch_size)
         after = plain_perplexity(model, prompts, pad_id=pad, batch_size=batch_size)
         perplexity = {
@@ -218,14 +218,15 @@ def orders_from_run(run: str | Path) -> tuple[str, dict[str, dict[str, list[int]
     from headscope.runs import open_run
 
     opened = open_run(run)
-    tables = {t.detector: t for t in opened.layer_tables()}
     needed = ("llm_drop_attention", "llm_drop_block", "block_influence")
-    missing = [name for name in needed if name not in tables]
+    stored = {t.detector for t in opened.layer_tables()}
+    missing = [name for name in needed if name not in stored]
     if missing:
         raise HeadscopeError(
             f"run {run} has no {', '.join(missing)} table; scan it with "
             "--detectors layer_redundancy, or leave out --from to measure here"
         )
+    tables = {name: opened.layer_table(name) for name in needed}
     n_layers = len(tables["llm_drop_block"].frame)
 
     def order_of(name: str) -> list[int]:

@@ -5,6 +5,9 @@ unchanged, next to the JSON spec, so a user can apply the ablation in their own
 TransformerLens code (a ``HookedTransformer`` or a ``TransformerBridge``)
 without installing headscope. headscope itself uses these very functions for
 its TransformerLens capture path, so the exported hooks are the tested ones.
+The spec's format, methods and head names come from ``ablation_spec.py``
+(``headscope.ablation_spec``), which the export copies beside this file; the
+copy here loads that neighbour by its path, never an installed headscope.
 
 Usage::
 
@@ -15,11 +18,12 @@ Usage::
     with model.hooks(fwd_hooks=ablation_hooks(spec, model)):
         logits = model(tokens)
 
-Methods (METHODS.md §5, §7): ``zero`` sets a head's output z to 0; ``mean``
-sets it to its mean over a reference prompt set (one vector, or one per
-position); ``resample`` sets it to the head's output on another input (row i
-of the batch takes source row i mod n_source); ``query_scale`` multiplies the
-head's query by epsilon so its attention becomes nearly uniform. Heads are
+Methods: ``zero`` sets a head's output z to 0; ``mean`` sets it to its mean
+over a reference prompt set (one vector, or one per position); ``resample``
+sets it to the head's output on another input (row i of the batch takes source
+row i mod n_source); ``query_scale`` multiplies the head's query by epsilon so
+its attention becomes nearly uniform (the ablation of Zhou et al. 2024, "On the
+Role of Attention Heads in Large Language Model Safety"). Heads are
 query heads: under grouped-query attention the other query heads that share
 the ablated head's key/value head are untouched. ``skip`` entries remove a
 whole attention branch, MLP branch or block from the residual stream.
@@ -32,15 +36,17 @@ from typing import Any
 
 import torch
 
-SPEC_FORMAT = "headscope-ablation"
-SPEC_VERSION = 1
-HEAD_METHODS = ("zero", "mean", "resample", "query_scale")
-SKIP_MODULES = ("attn", "mlp", "block")
+if __package__ == "headscope.exporters":  # headscope's own copy
+    from headscope import ablation_spec
+else:  # the standalone copy in an export folder: the ablation_spec.py beside this file
+    import importlib.util
+    from pathlib import Path
 
-
-def head_key(layer: int, head: int) -> str:
-    """The name of a head in specs and on the command line: L3H5."""
-    return f"L{layer}H{head}"
+    _found = importlib.util.spec_from_file_location(
+        "ablation_spec", Path(__file__).with_name("ablation_spec.py")
+    )
+    ablation_spec = importlib.util.module_from_spec(_found)
+    _found.loader.exec_module(ablation_spec)
 
 
 def replacement_for(value: Any, like: torch.Tensor) -> torch.Tensor:
@@ -79,15 +85,16 @@ def _check_model(spec: dict, model: Any) -> None:
 
 def ablation_hooks(spec: dict, model: Any) -> list[tuple[str, Callable]]:
     """(hook name, hook function) pairs for ``model.hooks(fwd_hooks=...)``."""
-    if spec.get("format") != SPEC_FORMAT or int(spec.get("version", 0)) > SPEC_VERSION:
+    fmt, version = ablation_spec.SPEC_FORMAT, ablation_spec.SPEC_VERSION
+    if spec.get("format") != fmt or int(spec.get("version", 0)) > version:
         raise ValueError(
-            f"not a {SPEC_FORMAT} spec of version <= {SPEC_VERSION} "
+            f"not a {fmt} spec of version <= {version} "
             f"(format={spec.get('format')!r}, version={spec.get('version')!r})"
         )
     _check_model(spec, model)
-    method = spec["method"]
-    if method not in HEAD_METHODS:
-        raise ValueError(f"unknown ablation method {method!r}; expected one of {HEAD_METHODS}")
+    method, methods = spec["method"], ablation_spec.HEAD_METHODS
+    if method not in methods:
+        raise ValueError(f"unknown ablation method {method!r}; expected one of {methods}")
     hook_names = set(getattr(model, "hook_dict", {}))
     by_layer: dict[int, list[int]] = {}
     for layer, head in spec.get("heads", []):
@@ -98,7 +105,11 @@ def ablation_hooks(spec: dict, model: Any) -> list[tuple[str, Callable]]:
         if method == "query_scale":
             hooks.append(_query_hook(layer, heads, float(spec["epsilon"]), hook_names))
         else:
-            stored = None if method == "zero" else {h: values[head_key(layer, h)] for h in heads}
+            stored = (
+                None
+                if method == "zero"
+                else {h: values[ablation_spec.head_name(layer, h)] for h in heads}
+            )
             hooks.append((f"blocks.{layer}.attn.hook_z", _replace_outputs(heads, stored)))
     for entry in spec.get("skip", []):
         hooks += _skip_hooks(entry["module"], int(entry["layer"]))
@@ -141,8 +152,10 @@ def _replace_outputs(heads: list[int], stored: dict[int, Any] | None) -> Callabl
 
 
 def _skip_hooks(module: str, layer: int) -> list[tuple[str, Callable]]:
-    if module not in SKIP_MODULES:
-        raise ValueError(f"unknown module to skip {module!r}; expected one of {SKIP_MODULES}")
+    if module not in ablation_spec.SKIP_MODULES:
+        raise ValueError(
+            f"unknown module to skip {module!r}; expected one of {ablation_spec.SKIP_MODULES}"
+        )
     if module in ("attn", "mlp"):
         name = f"blocks.{layer}.hook_{module}_out"
         return [(name, lambda output, hook: torch.zeros_like(output))]

@@ -4,7 +4,8 @@ Inputs are the attention's own Q [batch, head, query_pos, d_head] (RoPE already
 applied) and K [batch, kv_head, key_pos, d_head]; GQA is native: query head h
 reads KV head h // (head / kv_head), and K is never repeated.
 
-Pass 1, per (batch, head, query row i), from the row's scores s_ij (METHODS §1):
+Pass 1, per (batch, head, query row i), from the row's scores s_ij
+(docs/methods.md, "streaming_statistics"):
 ``lse`` (log-sum-exp), ``entropy`` (nats), ``max_prob``, ``sink_mass``
 (Σ_{j<sink_width} A_ij) and ``mean_distance`` (Σ_j A_ij |pos_i − j|).
 Pass 2, per key j: ``received`` = Σ_i A_ij (column sums), per query head, and
@@ -41,6 +42,8 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from headscope.errors import HeadscopeError
+
 PASS1_FIELDS = ("lse", "entropy", "max_prob", "sink_mass", "mean_distance")
 MASKED = -1.0e30  # finite "minus infinity": exp() gives 0 and 0 * MASKED stays 0
 
@@ -72,34 +75,42 @@ def check_inputs(
 ) -> tuple[int, int, int, int, int, int]:
     """Validate shapes and dtypes; return (batch, heads, kv_heads, T_q, T_k, d_head)."""
     if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(
+        raise HeadscopeError(
             f"q must be [batch, head, query_pos, d_head] and k [batch, kv_head, key_pos, d_head]; "
             f"got q {tuple(q.shape)} and k {tuple(k.shape)}"
         )
     batch, heads, t_q, d_head = q.shape
     k_batch, kv_heads, t_k, k_d = k.shape
     if k_batch != batch or k_d != d_head:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or d_head")
+        raise HeadscopeError(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or d_head"
+        )
     if heads % kv_heads:
-        raise ValueError(f"{heads} query heads cannot share {kv_heads} KV heads evenly")
+        raise HeadscopeError(f"{heads} query heads cannot share {kv_heads} KV heads evenly")
     if t_q > t_k:
-        raise ValueError(f"more queries ({t_q}) than keys ({t_k}): queries must be the last keys")
+        raise HeadscopeError(
+            f"more queries ({t_q}) than keys ({t_k}): queries must be the last keys"
+        )
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise TypeError(f"unsupported dtype {q.dtype}; use float32, float16, bfloat16 or float64")
+        raise HeadscopeError(
+            f"unsupported dtype {q.dtype}; use float32, float16, bfloat16 or float64"
+        )
     if k.dtype != q.dtype or k.device != q.device:
-        raise TypeError("q and k must share dtype and device")
+        raise HeadscopeError("q and k must share dtype and device")
     if key_padding_mask is not None and (
         key_padding_mask.shape != (batch, t_k) or key_padding_mask.dtype != torch.bool
     ):
-        raise ValueError(f"key_padding_mask must be bool [batch={batch}, key_pos={t_k}]")
+        raise HeadscopeError(f"key_padding_mask must be bool [batch={batch}, key_pos={t_k}]")
     if window is not None and window < 1:
-        raise ValueError(f"window must be at least 1, got {window}")
+        raise HeadscopeError(f"window must be at least 1, got {window}")
     if sink_width < 0:
-        raise ValueError(f"sink_width must be non-negative, got {sink_width}")
+        raise HeadscopeError(f"sink_width must be non-negative, got {sink_width}")
     if keep_first < 0:
-        raise ValueError(f"keep_first must be non-negative (first keys kept), got {keep_first}")
+        raise HeadscopeError(f"keep_first must be non-negative (first keys kept), got {keep_first}")
     if v is not None and (v.shape[:3] != k.shape[:3] or v.dtype != q.dtype):
-        raise ValueError(f"v {tuple(v.shape)} must match k {tuple(k.shape)} in its first 3 dims")
+        raise HeadscopeError(
+            f"v {tuple(v.shape)} must match k {tuple(k.shape)} in its first 3 dims"
+        )
     return batch, heads, kv_heads, t_q, t_k, d_head
 
 
@@ -402,4 +413,6 @@ def attention_stats(
         from headscope.kernels.triton_attention_stats import triton_attention_stats
 
         return triton_attention_stats(q, k, **kwargs)
-    raise ValueError(f"unknown implementation '{implementation}': auto, reference, chunked, triton")
+    raise HeadscopeError(
+        f"unknown implementation '{implementation}': auto, reference, chunked, triton"
+    )

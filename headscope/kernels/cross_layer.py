@@ -36,6 +36,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from headscope.errors import HeadscopeError
 from headscope.kernels.attention_stats import MASKED, check_inputs, query_validity, visibility
 
 LN2 = math.log(2.0)
@@ -65,13 +66,13 @@ def check_pair(
     batch, heads, kv_a, t_q, t_k, _ = shape_a
     batch_b, heads_b, kv_b, t_q_b, t_k_b, _ = shape_b
     if (batch, heads, t_q, t_k) != (batch_b, heads_b, t_q_b, t_k_b):
-        raise ValueError(
+        raise HeadscopeError(
             "layers a and b must share batch, heads, query_pos and key_pos (kv heads and "
             f"d_head may differ); got q_a {tuple(q_a.shape)}, k_a {tuple(k_a.shape)}, "
             f"q_b {tuple(q_b.shape)}, k_b {tuple(k_b.shape)}"
         )
     if q_a.dtype != q_b.dtype or q_a.device != q_b.device:
-        raise TypeError(
+        raise HeadscopeError(
             f"layers a and b must share dtype and device; got {q_a.dtype} on {q_a.device} "
             f"and {q_b.dtype} on {q_b.device}"
         )
@@ -132,12 +133,12 @@ def similarity_from_patterns(
     float64, returned as float32 (float64 for float64 input). Short inputs only.
     """
     if patterns.dim() != 4 or patterns.shape[-1] < patterns.shape[-2]:
-        raise ValueError(
+        raise HeadscopeError(
             "patterns must be [layer, head, query_pos, key_pos] with query_pos ≤ key_pos; "
             f"got {tuple(patterns.shape)}"
         )
     if valid is not None and (valid.shape != patterns.shape[2:3] or valid.dtype != torch.bool):
-        raise ValueError(f"valid must be bool [query_pos={patterns.shape[2]}]")
+        raise HeadscopeError(f"valid must be bool [query_pos={patterns.shape[2]}]")
     p = patterns.to(torch.float64)
     cosine, js = _pattern_metrics(p[:-1], p[1:])
     if valid is not None:
@@ -237,7 +238,7 @@ def chunked_cross_layer_similarity(
     )
     device = q_a.device
     if block_rows is not None and block_rows < 1:
-        raise ValueError(f"block_rows must be at least 1, got {block_rows}")
+        raise HeadscopeError(f"block_rows must be at least 1, got {block_rows}")
     rows = block_rows or max(1, min(64, max_block_elements // max(1, batch * heads * t_k)))
     layers = []
     for q, k, kv, scale in ((q_a, k_a, kv_a, scale_a), (q_b, k_b, kv_b, scale_b)):
@@ -306,4 +307,6 @@ def cross_layer_similarity(
         from headscope.kernels.triton_cross_layer import triton_cross_layer_similarity
 
         return triton_cross_layer_similarity(q_a, k_a, q_b, k_b, **kwargs)
-    raise ValueError(f"unknown implementation '{implementation}': auto, reference, chunked, triton")
+    raise HeadscopeError(
+        f"unknown implementation '{implementation}': auto, reference, chunked, triton"
+    )

@@ -9,7 +9,7 @@ Why: the streaming probe runs the model with a fast attention and wants
 statistics of every head at long T. Materializing A costs T² memory per head;
 these kernels keep only O(T) per head and never write a score to memory.
 
-Algorithm (METHODS §1):
+Algorithm (docs/methods.md, "streaming_statistics"):
 - Pass 1, one program per (batch·head, block of query rows), walks the key blocks
   with an online softmax: running max m, l = Σ exp(s − m), u = Σ exp(s − m)(s − m)
   for the entropy, and sink and distance sums Σ exp(s − m)·[j < sink_width] and
@@ -52,16 +52,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from headscope.errors import HeadscopeError
 from headscope.kernels.attention_stats import MASKED, AttentionStats, check_inputs
 
 # Read once, as the @triton.jit decorators below were: they chose the interpreter or not.
-_INTERPRETING = bool(triton.knobs.runtime.interpret)
+INTERPRETING = bool(triton.knobs.runtime.interpret)
 # Compiled kernels may read module globals only when they are constexpr.
 MASKED_SCORE = tl.constexpr(MASKED)
 
 
 @triton.jit
-def _live_rows(rows, b, pad_ptr, stride_pad_b, t_q, DROP_PADDED_QUERIES: tl.constexpr):
+def live_query_rows(rows, b, pad_ptr, stride_pad_b, t_q, DROP_PADDED_QUERIES: tl.constexpr):
     """Query rows that exist and, in self-attention with padding, are real tokens."""
     live = rows < t_q
     if DROP_PADDED_QUERIES:
@@ -71,7 +72,7 @@ def _live_rows(rows, b, pad_ptr, stride_pad_b, t_q, DROP_PADDED_QUERIES: tl.cons
 
 
 @triton.jit
-def _visible(
+def visible_keys(
     rows, keys, live_rows, b, pad_ptr, stride_pad_b, t_q, t_k, window, keep_first,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PADDING: tl.constexpr,
     KEEP_FIRST: tl.constexpr,
@@ -109,7 +110,7 @@ def _row_stats_kernel(
     h = batch_head % heads
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    live_rows = _live_rows(rows, b, pad_ptr, stride_pad_b, t_q, DROP_PADDED_QUERIES)
+    live_rows = live_query_rows(rows, b, pad_ptr, stride_pad_b, t_q, DROP_PADDED_QUERIES)
     q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     k_base = k_ptr + b.to(tl.int64) * stride_kb + (h // group).to(tl.int64) * stride_kh
     q_mask = (rows < t_q)[:, None] & (dims < d_head)[None, :]
@@ -156,7 +157,7 @@ def _row_stats_kernel(
         if UPCAST_FOR_DOT:
             k = k.to(tl.float32)
         scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-        visible = _visible(
+        visible = visible_keys(
             rows, keys, live_rows, b, pad_ptr, stride_pad_b, t_q, t_k, window, keep_first,
             CAUSAL, HAS_WINDOW, HAS_PADDING, KEEP_FIRST,
         )  # fmt: skip
@@ -238,14 +239,14 @@ def _received_kernel(
     for start in range(row_lo, row_hi, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         lse = tl.load(lse_base + rows, mask=rows < t_q, other=float("-inf"))
-        live_rows = _live_rows(rows, b, pad_ptr, stride_pad_b, t_q, DROP_PADDED_QUERIES)
+        live_rows = live_query_rows(rows, b, pad_ptr, stride_pad_b, t_q, DROP_PADDED_QUERIES)
         live_rows = live_rows & (lse > MASKED_SCORE)  # fully masked rows add nothing
         q_mask = (rows < t_q)[:, None] & (dims < d_head)[None, :]
         q = tl.load(q_base + rows[:, None] * stride_qt + dims[None, :], mask=q_mask, other=0.0)
         if UPCAST_FOR_DOT:
             q = q.to(tl.float32)
         scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-        visible = _visible(
+        visible = visible_keys(
             rows, keys, live_rows, b, pad_ptr, stride_pad_b, t_q, t_k, window, keep_first,
             CAUSAL, HAS_WINDOW, HAS_PADDING, KEEP_FIRST,
         )  # fmt: skip
@@ -258,10 +259,10 @@ def _received_kernel(
 MAX_GRID_Y = 65535  # CUDA's limit on the grid's second axis, which counts batch x head
 
 
-def _block_size(requested: int | None, default: int, name: str) -> int:
+def choose_block_size(requested: int | None, default: int, name: str) -> int:
     size = requested or default
     if size < 16 or size & (size - 1):
-        raise ValueError(f"{name} must be a power of two of at least 16 (tl.dot), got {size}")
+        raise HeadscopeError(f"{name} must be a power of two of at least 16 (tl.dot), got {size}")
     return size
 
 
@@ -290,8 +291,8 @@ def triton_attention_stats(
     batch, heads, kv_heads, t_q, t_k, d_head = check_inputs(
         q, k, key_padding_mask, window, sink_width, keep_first=keep_first
     )
-    if not q.is_cuda and not _INTERPRETING:
-        raise RuntimeError(
+    if not q.is_cuda and not INTERPRETING:
+        raise HeadscopeError(
             "Triton kernels need a CUDA device or TRITON_INTERPRET=1 (set before importing "
             "headscope.kernels.triton_attention_stats); use implementation='chunked' on CPU"
         )
@@ -320,14 +321,14 @@ def triton_attention_stats(
     # keep_first matters only with a window, and k ≥ T_k keeps every key
     keep_count = min(keep_first, t_k) if window is not None else 0
     block_d = triton.next_power_of_2(max(16, d_head))
-    default_block = 32 if _INTERPRETING else (64 if block_d <= 128 else 32)
-    block_m = _block_size(block_m, default_block, "block_m")
-    block_n = _block_size(block_n, default_block, "block_n")
+    default_block = 32 if INTERPRETING else (64 if block_d <= 128 else 32)
+    block_m = choose_block_size(block_m, default_block, "block_m")
+    block_n = choose_block_size(block_n, default_block, "block_n")
     flags = dict(
         CAUSAL=bool(causal), HAS_WINDOW=window is not None, HAS_PADDING=has_padding,
         DROP_PADDED_QUERIES=has_padding and t_q == t_k, KEEP_FIRST=keep_count > 0,
         # fp16/bf16 products are exact in float32: on CUDA the dot keeps them 16-bit
-        UPCAST_FOR_DOT=_INTERPRETING or q.dtype not in (torch.float16, torch.bfloat16),
+        UPCAST_FOR_DOT=INTERPRETING or q.dtype not in (torch.float16, torch.bfloat16),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4, num_stages=2,
     )  # fmt: skip
     strides = (*q.stride()[:3], *k.stride()[:3], padding.stride(0))

@@ -22,7 +22,7 @@ queries of both layers.
   0 (``tl.where``), so d stays finite and a hidden key adds nothing.
 - GQA is native: head h reads KV head h // group_a of layer a and h // group_b of
   layer b by pointer arithmetic; K is never repeated. d_head may differ per layer.
-- Masking reuses ``_visible`` and ``_live_rows`` of ``triton_attention_stats`` (causal,
+- Masking reuses ``visible_keys`` and ``live_query_rows`` of ``triton_attention_stats`` (causal,
   window per layer, key padding, padded queries of self-attention dropped), with
   constexpr flags so a launch compiles only the masking it uses.
 - float32 throughout; as in ``triton_attention_stats``, inputs are upcast before
@@ -40,14 +40,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from headscope.errors import HeadscopeError
 from headscope.kernels.cross_layer import CrossLayerSimilarity, check_pair, row_validity
 from headscope.kernels.triton_attention_stats import (
-    _INTERPRETING,
+    INTERPRETING,
     MASKED_SCORE,
     MAX_GRID_Y,
-    _block_size,
-    _live_rows,
-    _visible,
+    choose_block_size,
+    live_query_rows,
+    visible_keys,
 )
 
 LN2 = tl.constexpr(math.log(2.0))
@@ -89,7 +90,7 @@ def _row_lse(
     for start in range(key_lo, key_hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         scores = _scores(q, k_base, stride_kt, keys, dims, t_k, d_head, scale, UPCAST_FOR_DOT)
-        visible = _visible(
+        visible = visible_keys(
             rows, keys, live_rows, b, pad_ptr, stride_pad_b, t_q, t_k, window, 0,
             CAUSAL, HAS_WINDOW, HAS_PADDING, False,
         )  # fmt: skip
@@ -121,7 +122,7 @@ def _cross_layer_kernel(
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     dims_a = tl.arange(0, BLOCK_DA)
     dims_b = tl.arange(0, BLOCK_DB)
-    live_rows = _live_rows(rows, b, pad_ptr, stride_pad_b, t_q, DROP_PADDED_QUERIES)
+    live_rows = live_query_rows(rows, b, pad_ptr, stride_pad_b, t_q, DROP_PADDED_QUERIES)
     in_range = rows < t_q
     qa_base = qa_ptr + b.to(tl.int64) * stride_qab + h.to(tl.int64) * stride_qah
     qb_base = qb_ptr + b.to(tl.int64) * stride_qbb + h.to(tl.int64) * stride_qbh
@@ -158,11 +159,11 @@ def _cross_layer_kernel(
         keys = start + tl.arange(0, BLOCK_N)
         scores_a = _scores(qa, ka_base, stride_kat, keys, dims_a, t_k, d_a, scale_a, UPCAST_FOR_DOT)
         scores_b = _scores(qb, kb_base, stride_kbt, keys, dims_b, t_k, d_b, scale_b, UPCAST_FOR_DOT)
-        visible_a = _visible(
+        visible_a = visible_keys(
             rows, keys, live_rows, b, pad_ptr, stride_pad_b, t_q, t_k, window_a, 0,
             CAUSAL, HAS_WINDOW_A, HAS_PADDING, False,
         )  # fmt: skip
-        visible_b = _visible(
+        visible_b = visible_keys(
             rows, keys, live_rows, b, pad_ptr, stride_pad_b, t_q, t_k, window_b, 0,
             CAUSAL, HAS_WINDOW_B, HAS_PADDING, False,
         )  # fmt: skip
@@ -202,8 +203,8 @@ def triton_cross_layer_similarity(
     batch, heads, kv_a, kv_b, t_q, t_k = check_pair(
         q_a, k_a, q_b, k_b, key_padding_mask, window_a, window_b
     )
-    if not q_a.is_cuda and not _INTERPRETING:
-        raise RuntimeError(
+    if not q_a.is_cuda and not INTERPRETING:
+        raise HeadscopeError(
             "Triton kernels need a CUDA device or TRITON_INTERPRET=1 (set before importing "
             "headscope.kernels.triton_cross_layer); use implementation='chunked' on CPU"
         )
@@ -224,13 +225,13 @@ def triton_cross_layer_similarity(
     d_a, d_b = q_a.shape[-1], q_b.shape[-1]
     block_da = triton.next_power_of_2(max(16, d_a))
     block_db = triton.next_power_of_2(max(16, d_b))
-    default_block = 32 if _INTERPRETING else (64 if max(block_da, block_db) <= 128 else 32)
-    block_m = _block_size(block_m, default_block, "block_m")
-    block_n = _block_size(block_n, default_block, "block_n")
+    default_block = 32 if INTERPRETING else (64 if max(block_da, block_db) <= 128 else 32)
+    block_m = choose_block_size(block_m, default_block, "block_m")
+    block_n = choose_block_size(block_n, default_block, "block_n")
     flags = dict(
         CAUSAL=bool(causal), HAS_WINDOW_A=window_a is not None, HAS_WINDOW_B=window_b is not None,
         HAS_PADDING=has_padding, DROP_PADDED_QUERIES=has_padding and t_q == t_k,
-        UPCAST_FOR_DOT=_INTERPRETING or q_a.dtype not in (torch.float16, torch.bfloat16),
+        UPCAST_FOR_DOT=INTERPRETING or q_a.dtype not in (torch.float16, torch.bfloat16),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DA=block_da, BLOCK_DB=block_db,
         num_warps=4, num_stages=2,
     )  # fmt: skip

@@ -22,13 +22,10 @@ AXES: dict[str, str] = {
     "vocab": "vocabulary entries",
 }
 
-from headscope.probes.models import (  # noqa: E402
-    ArchInfo,
-    ModelHandle,
-    ModelLoadError,
-    available_models,
-    load_model,
-)
+from headscope.errors import ModelLoadError  # noqa: E402
+from headscope.probes.handle import ArchInfo, ModelHandle  # noqa: E402
+from headscope.probes.loading import load_model  # noqa: E402
+from headscope.probes.model_catalog import available_models  # noqa: E402
 
 __all__ = [
     "AXES",

@@ -13,9 +13,12 @@ inside. Inside the context:
   ``bridge=True``), through the hook functions that ``headscope export
   ablation`` ships (``headscope.exporters.transformer_lens_hooks``).
 
-Methods (METHODS.md §5, §7): zero, mean (over a reference prompt set, pooled
-or per position), resample (the head's output on another input) and
-query-scaling by epsilon (attention becomes ~uniform). A head is a query head:
+The spec's format, methods and head names (``L3H5``) live in
+``headscope.ablation_spec``, which every export carries too.
+
+Methods (docs/methods.md, "ablation"): zero, mean (over a reference prompt
+set, pooled or per position), resample (the head's output on another input)
+and query-scaling by epsilon (attention becomes ~uniform). A head is a query head:
 every edit touches that head's own slice of z or q, so under grouped-query
 attention the sibling query heads sharing its key/value head are untouched.
 Mean vs zero matters: mean keeps the head's average contribution (the usual
@@ -25,7 +28,6 @@ choice for importance), zero is what pruning the head's weights does.
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,38 +35,39 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from headscope.errors import HeadscopeError
-from headscope.exporters.transformer_lens_hooks import (
+from headscope.ablation_spec import (
     HEAD_METHODS,
     SKIP_MODULES,
     SPEC_FORMAT,
     SPEC_VERSION,
-    ablation_hooks,
-    head_key,
-    replacement_for,
+    head_name,
+    parse_head_name,
 )
-from headscope.probes.models import ArchInfo, ModelHandle
+from headscope.data.prompt_sets import PaddedBatch
+from headscope.errors import HeadscopeError
+from headscope.exporters.transformer_lens_hooks import ablation_hooks, replacement_for
+from headscope.probes.handle import ArchInfo, ModelHandle
 from headscope.probes.sites import BlockSites, block_sites, query_heads_view
 
 Head = tuple[int, int]
-DEFAULT_EPSILON = 1e-5
-_HEAD_PATTERN = re.compile(r"^\s*L(\d+)\s*H(\d+)\s*$", re.IGNORECASE)
+QUERY_SCALE_EPSILON = 1e-5
 
 
 def parse_heads(text: str | Sequence[str]) -> tuple[Head, ...]:
-    """``"L3H5,L12H0"`` (or a list of such names) -> ((3, 5), (12, 0)), in order, no repeats."""
+    """``"L3H5,L12H0"`` (or a list of such names) -> ((3, 5), (12, 0)), in order, no repeats.
+
+    Each name goes through ``ablation_spec.parse_head_name``; its ValueError
+    becomes a HeadscopeError with the same one-line message.
+    """
     parts = text.split(",") if isinstance(text, str) else list(text)
     heads: list[Head] = []
     for part in parts:
         if not str(part).strip():
             continue
-        match = _HEAD_PATTERN.match(str(part))
-        if match is None:
-            raise HeadscopeError(
-                f"malformed head '{str(part).strip()}'; write heads as L<layer>H<head>, "
-                "e.g. L3H5,L12H0"
-            )
-        heads.append((int(match.group(1)), int(match.group(2))))
+        try:
+            heads.append(parse_head_name(part))
+        except ValueError as err:
+            raise HeadscopeError(str(err)) from None
     if not heads:
         raise HeadscopeError("no heads given; write heads as L<layer>H<head>, e.g. L3H5,L12H0")
     return tuple(dict.fromkeys(heads))
@@ -80,7 +83,7 @@ def check_method(method: str) -> None:
 def check_heads(heads: Sequence[Head], arch: ArchInfo) -> None:
     """Raise naming every head outside the model (layers and heads are 0-based)."""
     bad = [
-        head_key(layer, head)
+        head_name(layer, head)
         for layer, head in heads
         if not (0 <= layer < arch.n_layers and 0 <= head < arch.n_heads)
     ]
@@ -103,7 +106,7 @@ class Ablation:
     method: str = "zero"
     heads: tuple[Head, ...] = ()
     skip: tuple[tuple[str, int], ...] = ()
-    epsilon: float = DEFAULT_EPSILON
+    epsilon: float = QUERY_SCALE_EPSILON
     reference: Mapping[Head, Tensor] = field(default_factory=dict)
     reference_info: Mapping[str, Any] = field(default_factory=dict)
 
@@ -119,7 +122,7 @@ class Ablation:
         if self.method == "query_scale" and not 0 <= self.epsilon < 1:
             raise HeadscopeError(f"query-scaling epsilon must be in [0, 1), got {self.epsilon}")
         if self.method in ("mean", "resample"):
-            missing = [head_key(*h) for h in self.heads if h not in self.reference]
+            missing = [head_name(*h) for h in self.heads if h not in self.reference]
             if missing:
                 raise HeadscopeError(
                     f"{self.method} ablation needs reference outputs for {', '.join(missing)}; "
@@ -147,7 +150,7 @@ class Ablation:
         for (layer, head), value in self.reference.items():
             if value.shape[-1] != arch.d_head:
                 raise HeadscopeError(
-                    f"reference for {head_key(layer, head)} has width {value.shape[-1]}, "
+                    f"reference for {head_name(layer, head)} has width {value.shape[-1]}, "
                     f"the model's heads have {arch.d_head}"
                 )
 
@@ -167,12 +170,12 @@ class Ablation:
             },
             "method": self.method,
             "heads": [list(h) for h in self.heads],
-            "head_names": [head_key(*h) for h in self.heads],
+            "head_names": [head_name(*h) for h in self.heads],
             "epsilon": self.epsilon if self.method == "query_scale" else None,
             "skip": [{"module": m, "layer": layer} for m, layer in self.skip],
             "reference": {
                 **dict(self.reference_info),
-                "values": {head_key(*h): v for h, v in self.reference.items()},
+                "values": {head_name(*h): v for h, v in self.reference.items()},
             },
         }
 
@@ -189,12 +192,12 @@ class Ablation:
         reference = dict(spec.get("reference") or {})
         values = reference.pop("values", {}) or {}
         heads = tuple((int(layer), int(h)) for layer, h in spec.get("heads", []))
-        by_name = {head_key(*h): h for h in heads}
+        by_name = {head_name(*h): h for h in heads}
         return cls(
             method=spec["method"],
             heads=heads,
             skip=tuple((e["module"], e["layer"]) for e in spec.get("skip", [])),
-            epsilon=DEFAULT_EPSILON if spec.get("epsilon") is None else float(spec["epsilon"]),
+            epsilon=QUERY_SCALE_EPSILON if spec.get("epsilon") is None else float(spec["epsilon"]),
             reference={
                 by_name[name]: torch.as_tensor(v, dtype=torch.float32) for name, v in values.items()
             },
@@ -387,15 +390,13 @@ def capture_head_outputs(handle: ModelHandle, layers: Sequence[int]) -> Iterator
 
 
 def _prompt_batches(handle: ModelHandle, prompt_set: str, n_prompts: int | None, batch_size: int):
-    from headscope.probes.streaming import pad_id_of, padded_batches
-
     prompts = handle.tokenize(prompt_set, n_prompts)
-    return prompts, padded_batches(prompts, batch_size, pad_id_of(handle))
+    return prompts, prompts.padded(batch_size, handle.pad_id)
 
 
-def _forward(handle: ModelHandle, tokens: Tensor, lengths: Tensor) -> None:
-    mask = (torch.arange(tokens.shape[1])[None] < lengths[:, None]).long()
-    handle.model(input_ids=tokens.to(handle.device), attention_mask=mask.to(handle.device))
+def _forward(handle: ModelHandle, batch: PaddedBatch) -> None:
+    mask = batch.mask.long()
+    handle.model(input_ids=batch.tokens.to(handle.device), attention_mask=mask.to(handle.device))
 
 
 def mean_ablation(
@@ -424,13 +425,14 @@ def mean_ablation(
     sums = {h: torch.zeros(length, handle.arch.d_head, dtype=torch.float64) for h in heads}
     counts = torch.zeros(length, dtype=torch.float64)
     with capture_head_outputs(handle, layers) as captured, torch.inference_mode():
-        for _, tokens, lengths in batches:
-            _forward(handle, tokens, lengths)
-            valid = (torch.arange(tokens.shape[1])[None] < lengths[:, None]).double()
-            counts[: tokens.shape[1]] += valid.sum(0)
+        for batch in batches:
+            _forward(handle, batch)
+            valid = batch.mask.double()
+            width = batch.tokens.shape[1]
+            counts[:width] += valid.sum(0)
             for layer, head in heads:
                 z = captured[layer][..., head, :].double().cpu()
-                sums[(layer, head)][: tokens.shape[1]] += (z * valid[..., None]).sum(0)
+                sums[(layer, head)][:width] += (z * valid[..., None]).sum(0)
     if per_position:
         reference = {h: (s / counts[:, None]).float() for h, s in sums.items()}
     else:
@@ -468,11 +470,11 @@ def resample_ablation(
     rows: dict[Head, dict[int, Tensor]] = {h: {} for h in heads}
     layers = [layer for layer, _ in heads]
     with capture_head_outputs(handle, layers) as captured, torch.inference_mode():
-        for indices, tokens, lengths in batches:
-            _forward(handle, tokens, lengths)
+        for batch in batches:
+            _forward(handle, batch)
             for layer, head in heads:
                 z = captured[layer][..., head, :].float().cpu()
-                for row, index in enumerate(indices):
+                for row, index in enumerate(batch.indices):
                     rows[(layer, head)][index] = z[row, :length]
     reference = {h: torch.stack([r[i] for i in sorted(r)]) for h, r in rows.items()}
     info = {

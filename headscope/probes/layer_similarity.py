@@ -10,9 +10,10 @@ candidate for removal.
 The residuals are read with scoped forward hooks on the HF module, never from
 ``output_hidden_states``: in transformers the last entry of that tuple has the
 final norm applied, and a cosine against a normed vector is not a residual
-step (METHODS §7's warning). Each branch's contribution is read where it joins
-the residual: the attention module's output, or Gemma's post-attention norm
-when the block has one; the MLP's output, or Gemma's post-feed-forward norm.
+step (docs/methods.md, "layer_redundancy"). Each branch's contribution is
+read where it joins the residual: the attention module's output, or Gemma's
+post-attention norm when the block has one; the MLP's output, or Gemma's
+post-feed-forward norm.
 
 Optionally the same forwards measure the cross-layer similarity of attention
 maps (EchoAtt): the streaming attention function hands each layer's queries
@@ -37,8 +38,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from headscope.errors import NotApplicable
-from headscope.probes.models import ModelHandle
+from headscope.probes.handle import ModelHandle
 from headscope.probes.sites import BlockSites, block_sites
+from headscope.progress import Progress, counter
 
 
 @dataclass(kw_only=True)
@@ -165,7 +167,7 @@ def measure_layer_similarity(
     batch_size: int = 8,
     skip: Sequence[tuple[str, int]] = (),
     attention_maps: bool = False,
-    on_batch: Callable[[int], None] | None = None,
+    on_progress: Progress | None = None,
 ) -> LayerSimilarity:
     """LLM-Drop Sim of every attention module, MLP and block on ``prompts``.
 
@@ -175,12 +177,7 @@ def measure_layer_similarity(
     attention of a plain forward).
     """
     from headscope.probes.ablation import Ablation
-    from headscope.probes.streaming import (
-        forward_batch,
-        pad_id_of,
-        padded_batches,
-        streaming_attention,
-    )
+    from headscope.probes.streaming import forward_batch, streaming_attention
 
     sites = block_sites(handle.model, handle.arch)
     if not sites[0].pre_norm:
@@ -192,28 +189,27 @@ def measure_layer_similarity(
     sums = _Sums(arch.n_layers)
     maps = _MapSums(arch.n_layers, arch.n_heads) if attention_maps else None
     ablation = Ablation(skip=tuple(skip)) if skip else None
-    pad_id = pad_id_of(handle)
+    advance = counter(on_progress, f"{prompts.name} (layer similarity)", len(prompts))
     with contextlib.ExitStack() as stack:
         if ablation is not None:  # first, so the capture hooks see the skipped outputs
             stack.enter_context(handle.ablated(ablation, bridge=False))
         stack.enter_context(_similarity_hooks(sites, sums))
         if maps is not None:
             stack.enter_context(streaming_attention(handle))
-        for _indices, tokens, lengths in padded_batches(prompts, batch_size, pad_id):
-            valid = torch.arange(tokens.shape[1])[None] < lengths[:, None]
+        for batch in prompts.padded(batch_size, handle.pad_id):
+            valid = batch.mask
             sums.start_batch(valid.to(handle.device))
             if maps is not None:
                 maps.start_batch(valid)
-                forward_batch(handle, tokens, lengths, cross_layer=maps)
+                forward_batch(handle, batch, cross_layer=maps)
             else:
                 with torch.inference_mode():
                     handle.model.base_model(
-                        input_ids=tokens.to(handle.device),
+                        input_ids=batch.tokens.to(handle.device),
                         attention_mask=valid.long().to(handle.device),
                         use_cache=False,
                     )
-            if on_batch is not None:
-                on_batch(len(lengths))
+            advance(len(batch.lengths))
     means = sums.means()
     cosine, js = maps.means() if maps is not None else (None, None)
     if not any(site.mlp is not None for site in sites):

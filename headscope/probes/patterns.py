@@ -16,8 +16,8 @@ What is kept, per prompt, layer and head:
   ``exclude_bos`` (A' has column 0 zeroed) and ``exclude_current_token`` (A'
   has its diagonal zeroed), by inclusion-exclusion, without re-running.
 - ``sink_alpha[prompt, layer, head, key]``: the sink score α_k of the first
-  ``n_sink_keys`` keys (METHODS §2): the mean attention key k receives from
-  the queries that can see it.
+  ``n_sink_keys`` keys (docs/methods.md, "first_token_sink"): the mean
+  attention key k receives from the queries that can see it.
 
 And averaged over prompts (per position, for plots): α_k for every key and the
 attention entropy of every query row.
@@ -26,14 +26,15 @@ attention entropy of every query row.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from headscope.probes.models import ModelHandle
+from headscope.errors import NotApplicable
+from headscope.probes.handle import ModelHandle
+from headscope.progress import Progress, counter
 
 CLASSIC_KINDS = ("attention", "previous_token", "duplicate_token", "induction")
 SUM_PARTS = ("total", "bos_column", "diagonal", "bos_cell")
@@ -120,7 +121,7 @@ def classic_score(
 def sink_scores(
     pattern: Float[Tensor, "batch head query_pos key_pos"], *, causal: bool
 ) -> Float[Tensor, "batch head key_pos"]:
-    """α_k = mean over the queries that can see key k of A[i, k] (METHODS §2)."""
+    """α_k = mean over the queries that can see key k of A[i, k] (Gu et al. 2024)."""
     seq_len = pattern.shape[-1]
     received = pattern.to(torch.float64).sum(-2)
     if causal:
@@ -169,7 +170,7 @@ class PatternStatistics:
         }
 
 
-class _Accumulator:
+class _PatternAccumulator:
     """Reduces each layer's pattern as it is produced, then the whole set."""
 
     def __init__(self, n_layers: int, n_heads: int, n_sink_keys: int, causal: bool):
@@ -215,7 +216,7 @@ class _Accumulator:
 
     def end_batch(self) -> None:
         if len(self.seen_layers) != self.n_layers:
-            raise RuntimeError(
+            raise NotApplicable(
                 f"captured attention patterns of {len(self.seen_layers)} layers, "
                 f"expected {self.n_layers}"
             )
@@ -279,21 +280,22 @@ def probe_patterns(
     batch_size: int = 16,
     n_sink_keys: int = DEFAULT_SINK_KEYS,
     keep_sample: bool = True,
-    on_batch: Callable[[int], None] | None = None,
+    on_progress: Progress | None = None,
 ) -> PatternStatistics:
     """Run ``prompts`` (TokenizedPrompts) through the bridge and reduce every pattern.
 
     Each layer's pattern is reduced inside its hook and dropped, so at most one
     layer's [batch, head, T, T] pattern exists at a time. The hooks live only
     for the duration of each forward (TransformerLens removes them on exit).
-    ``on_batch(n)`` is called after each batch with its number of prompts.
+    ``on_progress`` counts prompts under the label "<prompt set> (patterns)".
     """
     arch = handle.arch
     bridge = handle.bridge
-    accumulator = _Accumulator(arch.n_layers, arch.n_heads, n_sink_keys, arch.causal)
+    accumulator = _PatternAccumulator(arch.n_layers, arch.n_heads, n_sink_keys, arch.causal)
     batch_size = _fitting_batch_size(batch_size, arch.n_heads, max(prompts.lengths, default=1))
     sample_rows: dict[int, Tensor] = {}
     sample_tokens: Tensor | None = None
+    advance = counter(on_progress, f"{prompts.name} (patterns)", len(prompts))
     for indices, tokens in prompts.batches(batch_size):
         accumulator.start_batch(indices, tokens)
         sample_row = indices.index(0) if keep_sample and 0 in indices else None
@@ -313,8 +315,7 @@ def probe_patterns(
         accumulator.end_batch()
         if sample_row is not None:
             sample_tokens = tokens[sample_row].clone()
-        if on_batch is not None:
-            on_batch(len(indices))
+        advance(len(indices))
     stats = accumulator.result(prompts.name, prompts.lengths)
     if sample_tokens is not None:
         stats.sample_tokens = sample_tokens

@@ -29,17 +29,18 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from headscope.probes.models import ModelHandle
+from headscope.data.prompt_sets import PaddedBatch
+from headscope.errors import HeadscopeError
+from headscope.probes.handle import ModelHandle
 from headscope.probes.sites import block_list
 from headscope.probes.streaming import (
+    StreamingAccumulator,
     StreamingStatistics,
-    _Accumulator,
     forward_batch,
-    pad_id_of,
-    padded_batches,
     streaming_attention,
     token_texts,
 )
+from headscope.progress import Progress, counter
 
 #: edit(hidden [batch, T, d_model], lengths [batch]) changes the block output in place
 BlockEdit = Callable[[Tensor, Tensor], None]
@@ -94,7 +95,7 @@ def measure_perplexity(
     keep_first: int = 0,
     edit_block: tuple[int, BlockEdit] | None = None,
     collect_statistics: bool = False,
-    on_batch: Callable[[int], None] | None = None,
+    on_progress: Progress | None = None,
 ) -> tuple[Perplexity, StreamingStatistics | None]:
     """Next-token perplexity of ``prompts`` (TokenizedPrompts), per target position.
 
@@ -102,30 +103,30 @@ def measure_perplexity(
     come back too (e.g. the late queries' attention to the first token).
     """
     if not handle.arch.causal:
-        raise ValueError(f"perplexity needs a causal language model; {handle.spec} is not one")
+        raise HeadscopeError(f"perplexity needs a causal language model; {handle.spec} is not one")
     if window is not None and window < 1:
-        raise ValueError(f"window must be at least 1, got {window}")
+        raise HeadscopeError(f"window must be at least 1, got {window}")
     if keep_first < 0:
-        raise ValueError(f"keep_first must be non-negative, got {keep_first}")
+        raise HeadscopeError(f"keep_first must be non-negative, got {keep_first}")
     length = max(prompts.lengths)
     nll = torch.zeros(length, dtype=torch.float64)
     count = torch.zeros(length, dtype=torch.float64)
-    accumulator = _Accumulator(handle, 1) if collect_statistics else None
+    accumulator = StreamingAccumulator(handle, 1) if collect_statistics else None
     current: dict[str, Tensor] = {}
+    advance = counter(on_progress, f"{prompts.name} (perplexity)", len(prompts))
     with streaming_attention(handle), _edited_block(handle, edit_block, lambda: current["lengths"]):
-        for indices, tokens, lengths in padded_batches(prompts, batch_size, pad_id_of(handle)):
-            current["lengths"] = lengths
+        for batch in prompts.padded(batch_size, handle.pad_id):
+            current["lengths"] = batch.lengths
             if accumulator is not None:
-                accumulator.start_batch(indices, tokens, lengths)
+                accumulator.start_batch(batch)
             logits = forward_batch(
-                handle, tokens, lengths, accumulator=accumulator,
+                handle, batch, accumulator=accumulator,
                 window=window, keep_first=keep_first, with_logits=True,
             )  # fmt: skip
             if accumulator is not None:
                 accumulator.end_batch()
-            _add_nll(logits, tokens, lengths, nll, count)
-            if on_batch is not None:
-                on_batch(len(indices))
+            _add_nll(logits, batch, nll, count)
+            advance(len(batch.indices))
     statistics = None
     if accumulator is not None:
         texts = token_texts(handle.tokenizer, accumulator.token_ids())
@@ -139,7 +140,7 @@ def plain_perplexity(
     *,
     pad_id: int,
     batch_size: int = 8,
-    on_batch: Callable[[int], None] | None = None,
+    on_progress: Progress | None = None,
 ) -> Perplexity:
     """Next-token perplexity of any causal LM module with its own attention (SDPA).
 
@@ -150,21 +151,22 @@ def plain_perplexity(
     length = max(prompts.lengths)
     nll = torch.zeros(length, dtype=torch.float64)
     count = torch.zeros(length, dtype=torch.float64)
-    for indices, tokens, lengths in padded_batches(prompts, batch_size, pad_id):
-        mask = (torch.arange(tokens.shape[1])[None] < lengths[:, None]).long()
+    advance = counter(on_progress, f"{prompts.name} (perplexity)", len(prompts))
+    for batch in prompts.padded(batch_size, pad_id):
+        mask = batch.mask.long()
         with torch.inference_mode():
             logits = model(
-                input_ids=tokens.to(device), attention_mask=mask.to(device), use_cache=False
+                input_ids=batch.tokens.to(device), attention_mask=mask.to(device), use_cache=False
             ).logits
-        _add_nll(logits, tokens, lengths, nll, count)
-        if on_batch is not None:
-            on_batch(len(indices))
+        _add_nll(logits, batch, nll, count)
+        advance(len(batch.indices))
     return Perplexity(nll_by_position=nll, count_by_position=count)
 
 
-def _add_nll(logits: Tensor, tokens: Tensor, lengths: Tensor, nll: Tensor, count: Tensor) -> None:
+def _add_nll(logits: Tensor, batch: PaddedBatch, nll: Tensor, count: Tensor) -> None:
     """Add -log p(token t | < t) at target position t (t >= 1), skipping padding."""
-    for row, length in enumerate(lengths.tolist()):
+    tokens = batch.tokens
+    for row, length in enumerate(batch.lengths.tolist()):
         for start, stop in _chunks(length - 1, 512):  # bounds the float32 log-softmax copy
             log_probs = torch.log_softmax(logits[row, start:stop].float(), dim=-1)
             targets = tokens[row, start + 1 : stop + 1].to(log_probs.device)

@@ -28,7 +28,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from headscope.errors import HeadscopeError
-from headscope.probes.models import ArchInfo
+from headscope.probes.handle import ArchInfo
 
 
 @dataclass(frozen=True)

@@ -35,10 +35,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from headscope.data.prompt_sets import PaddedBatch
+from headscope.errors import NotApplicable
 from headscope.kernels.attention_stats import chunked_attention_stats
-from headscope.probes.models import ModelHandle
+from headscope.probes.handle import ModelHandle
 from headscope.probes.patterns import DEFAULT_SINK_KEYS
 from headscope.probes.sites import block_list
+from headscope.progress import Progress, counter
 
 ATTENTION_NAME = "headscope_stats"
 PROFILE_FIELDS = ("entropy", "max_prob", "sink_mass", "mean_distance")
@@ -129,7 +132,7 @@ class _Session:
 
     def __init__(
         self,
-        accumulator: _Accumulator | None,
+        accumulator: StreamingAccumulator | None,
         key_padding_mask: Tensor,
         *,
         window: int | None = None,
@@ -173,7 +176,7 @@ def _attention_with_stats(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     if softcap is not None:
-        raise NotImplementedError("attention logit soft-capping is not supported by the probe")
+        raise NotApplicable("attention logit soft-capping is not supported by the probe")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     causal = bool(getattr(module, "is_causal", True))
     layer = getattr(module, "layer_idx", None)
@@ -241,7 +244,7 @@ def streaming_attention(handle: ModelHandle) -> Iterator[None]:
         model.set_attn_implementation(previous)
 
 
-class _Accumulator:
+class StreamingAccumulator:
     """float64 running sums over prompts; grows its position axis as needed."""
 
     def __init__(self, handle: ModelHandle, n_sink_keys: int):
@@ -262,13 +265,12 @@ class _Accumulator:
             self.sums[name] = buffer = grown
         return buffer
 
-    def start_batch(self, indices: list[int], tokens: Tensor, lengths: Tensor) -> None:
-        arch = self.arch
-        seq_len = tokens.shape[1]
+    def start_batch(self, batch: PaddedBatch) -> None:
+        arch, lengths = self.arch, batch.lengths
+        seq_len = batch.tokens.shape[1]
         self.length = max(self.length, seq_len)
-        self.indices, self.tokens, self.lengths = indices, tokens, lengths
-        mask = torch.arange(seq_len)[None] < lengths[:, None]
-        self.valid = mask.to(torch.float64)  # [b, T]
+        self.indices, self.tokens, self.lengths = batch.indices, batch.tokens, lengths
+        self.valid = batch.mask.to(torch.float64)  # [b, T]
         positions = torch.arange(seq_len, dtype=torch.float64)
         if arch.causal:
             viewers = (lengths.to(torch.float64)[:, None] - positions[None]).clamp(min=1.0)
@@ -406,22 +408,10 @@ class _Accumulator:
         )
 
 
-def padded_batches(
-    prompts, batch_size: int, pad_id: int
-) -> Iterator[tuple[list[int], Tensor, Tensor]]:
-    """Batches of prompts sorted by length, right-padded: (indices, tokens, lengths)."""
-    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts.tokens[i]), i))
-    for start in range(0, len(order), batch_size):
-        indices = order[start : start + batch_size]
-        lengths = torch.tensor([len(prompts.tokens[i]) for i in indices])
-        tokens = torch.full((len(indices), int(lengths.max())), pad_id, dtype=torch.int64)
-        for row, i in enumerate(indices):
-            tokens[row, : lengths[row]] = prompts.tokens[i]
-        yield indices, tokens, lengths
-
-
 @contextlib.contextmanager
-def _residual_hooks(blocks: torch.nn.ModuleList, accumulator: _Accumulator) -> Iterator[None]:
+def _residual_hooks(
+    blocks: torch.nn.ModuleList, accumulator: StreamingAccumulator
+) -> Iterator[None]:
     """Scoped forward hooks passing each block's output (the residual stream) on."""
 
     def recorder(layer: int) -> Callable:
@@ -441,16 +431,15 @@ def _residual_hooks(blocks: torch.nn.ModuleList, accumulator: _Accumulator) -> I
 
 def forward_batch(
     handle: ModelHandle,
-    tokens: Tensor,
-    lengths: Tensor,
+    batch: PaddedBatch,
     *,
-    accumulator: _Accumulator | None = None,
+    accumulator: StreamingAccumulator | None = None,
     window: int | None = None,
     keep_first: int = 0,
     with_logits: bool = False,
     cross_layer=None,
 ) -> Tensor | None:
-    """One forward of right-padded ``tokens`` through the headscope attention.
+    """One forward of a right-padded ``batch`` through the headscope attention.
 
     Must run inside ``streaming_attention(handle)``. Statistics flow into
     ``accumulator`` when one is given; ``window``/``keep_first`` replace the
@@ -460,8 +449,7 @@ def forward_batch(
     otherwise only the transformer body runs, which saves the LM head's
     [batch, T, vocab] tensor and matmul.
     """
-    arch = handle.arch
-    mask = torch.arange(tokens.shape[1])[None] < lengths[:, None]
+    arch, mask = handle.arch, batch.mask
     session = _Session(
         accumulator, mask.to(handle.device), window=window, keep_first=keep_first,
         cross_layer=cross_layer,
@@ -476,24 +464,19 @@ def forward_batch(
     try:
         with hooks, torch.inference_mode():
             output = module(
-                input_ids=tokens.to(handle.device),
+                input_ids=batch.tokens.to(handle.device),
                 attention_mask=mask.to(handle.device).long(),
                 use_cache=False,
             )
     finally:
         _ACTIVE.reset(token)
     if len(session.layers_seen) != arch.n_layers:
-        raise RuntimeError(
+        raise NotApplicable(
             f"the attention function ran for {len(session.layers_seen)} of "
             f"{arch.n_layers} layers; this architecture does not route attention "
             "through transformers' AttentionInterface"
         )
     return output.logits if with_logits else None
-
-
-def pad_id_of(handle: ModelHandle) -> int:
-    pad_id = handle.tokenizer.pad_token_id
-    return pad_id if pad_id is not None else 0
 
 
 def token_texts(tokenizer, ids: set[int]) -> dict[int, str]:
@@ -507,20 +490,21 @@ def probe_streaming(
     *,
     batch_size: int = 16,
     n_sink_keys: int = DEFAULT_SINK_KEYS,
-    on_batch: Callable[[int], None] | None = None,
+    on_progress: Progress | None = None,
 ) -> StreamingStatistics:
     """Run ``prompts`` (TokenizedPrompts) through the model and accumulate statistics.
 
     Deterministic: batches are formed by (length, index) order, and every
-    accumulation is a float64 sum in that order.
+    accumulation is a float64 sum in that order. ``on_progress`` counts prompts
+    under the label "<prompt set> (streaming)".
     """
-    accumulator = _Accumulator(handle, n_sink_keys)
+    accumulator = StreamingAccumulator(handle, n_sink_keys)
+    advance = counter(on_progress, f"{prompts.name} (streaming)", len(prompts))
     with streaming_attention(handle):
-        for indices, tokens, lengths in padded_batches(prompts, batch_size, pad_id_of(handle)):
-            accumulator.start_batch(indices, tokens, lengths)
-            forward_batch(handle, tokens, lengths, accumulator=accumulator)
+        for batch in prompts.padded(batch_size, handle.pad_id):
+            accumulator.start_batch(batch)
+            forward_batch(handle, batch, accumulator=accumulator)
             accumulator.end_batch()
-            if on_batch is not None:
-                on_batch(len(indices))
+            advance(len(batch.indices))
     texts = token_texts(handle.tokenizer, accumulator.token_ids())
     return accumulator.result(prompts.name, prompts.lengths, texts)

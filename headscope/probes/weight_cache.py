@@ -1,6 +1,6 @@
 """The converted-weight cache: float32 safetensors of dequantized GGUFs, safe to share.
 
-Dequantizing a GGUF takes seconds to tens of seconds, so ``models.py`` keeps the
+Dequantizing a GGUF takes seconds to tens of seconds, so ``loading.py`` keeps the
 result under ``cache_root()/models/<prefix>-<hash16>`` and later loads read that
 folder. The cache is shared by every process of every checkout of one user, so
 it lives apart from the loading logic, in this small module, and keeps four

@@ -16,11 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from streamlit.testing.v1 import AppTest
 
-from headscope.analyses.drop_simulation import run_drop_simulation
+from headscope.analyses import get_detector
 from headscope.dashboard.data import RUNS_DIR_ENV, md
-from headscope.probes.models import load_model
+from headscope.probes.loading import load_model
 from headscope.runs import open_run, write_run
-from headscope.scan import scan
+from headscope.scanning import scan
 from headscope.text import plain
 
 APP = str(Path(__file__).parents[2] / "headscope" / "dashboard" / "app.py")
@@ -40,10 +40,9 @@ def runs_dir(tmp_path_factory):
          n_prompts=4, out=root / "gpt2", on_progress=False)  # fmt: skip
     # a run with a drop simulation, written as scan writes runs
     llama = open_run(root / "llama")
-    simulation = run_drop_simulation(
+    simulation = get_detector("drop_simulation").run_experiment(
         load_model("tiny:llama:3"), calibration_prompts_n=2, held_out_prompts=2,
         max_attention_drops=2, max_block_drops=1, n_points=3, n_random=2,
-        on_batch=lambda n: None,
     )  # fmt: skip
     write_run(
         root / "llama-drops", manifest=llama.manifest, head_tables=llama.head_tables(),

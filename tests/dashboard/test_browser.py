@@ -418,7 +418,7 @@ def chromium_browser():
 
 @pytest.fixture(scope="module")
 def runs_folder(tmp_path_factory) -> Path:
-    from headscope.scan import scan
+    from headscope.scanning import scan
 
     root = tmp_path_factory.mktemp("dashboard") / "runs"
     for name, spec in RUNS.items():

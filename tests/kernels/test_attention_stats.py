@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from triton_support import IMPLEMENTATIONS, TRITON_DEVICE, needs_triton, needs_triton_installed
 
+from headscope.errors import HeadscopeError
 from headscope.kernels.attention_stats import (
     AttentionStats,
     attention_stats,
@@ -459,26 +460,26 @@ def test_chunked_output_with_keep_first_is_masked_softmax(window: int, keep_firs
 # 4. Clear errors for bad inputs ----------------------------------------------------
 
 BAD_INPUTS = {
-    "q not 4-d": (dict(q=torch.randn(2, 5, 16)), ValueError, "q must be"),
-    "batch mismatch": (dict(k=torch.randn(3, 2, 5, 16)), ValueError, "disagree"),
-    "d_head mismatch": (dict(k=torch.randn(2, 2, 5, 8)), ValueError, "disagree"),
-    "heads not divisible": (dict(q=torch.randn(2, 3, 5, 16)), ValueError, "cannot share"),
-    "more queries than keys": (dict(q=torch.randn(2, 4, 6, 16)), ValueError, "more queries"),
-    "float mask": (dict(key_padding_mask=torch.ones(2, 5)), ValueError, "must be bool"),
+    "q not 4-d": (dict(q=torch.randn(2, 5, 16)), HeadscopeError, "q must be"),
+    "batch mismatch": (dict(k=torch.randn(3, 2, 5, 16)), HeadscopeError, "disagree"),
+    "d_head mismatch": (dict(k=torch.randn(2, 2, 5, 8)), HeadscopeError, "disagree"),
+    "heads not divisible": (dict(q=torch.randn(2, 3, 5, 16)), HeadscopeError, "cannot share"),
+    "more queries than keys": (dict(q=torch.randn(2, 4, 6, 16)), HeadscopeError, "more queries"),
+    "float mask": (dict(key_padding_mask=torch.ones(2, 5)), HeadscopeError, "must be bool"),
     "mask shape": (
         dict(key_padding_mask=torch.ones(2, 4, dtype=torch.bool)),
-        ValueError,
+        HeadscopeError,
         "must be bool",
     ),
-    "dtype mismatch": (dict(k=torch.randn(2, 2, 5, 16).half()), TypeError, "share dtype"),
+    "dtype mismatch": (dict(k=torch.randn(2, 2, 5, 16).half()), HeadscopeError, "share dtype"),
     "integer dtype": (
         dict(q=torch.ones(2, 4, 5, 16, dtype=torch.int32), k=torch.ones(2, 2, 5, 16).int()),
-        TypeError,
+        HeadscopeError,
         "unsupported dtype",
     ),
-    "window 0": (dict(window=0), ValueError, "window"),
-    "negative sink": (dict(sink_width=-1), ValueError, "sink_width"),
-    "negative keep_first": (dict(keep_first=-1), ValueError, "keep_first must be non-negative"),
+    "window 0": (dict(window=0), HeadscopeError, "window"),
+    "negative sink": (dict(sink_width=-1), HeadscopeError, "sink_width"),
+    "negative keep_first": (dict(keep_first=-1), HeadscopeError, "keep_first must be non-negative"),
 }
 
 
@@ -503,11 +504,11 @@ def test_triton_refuses_bad_blocks_and_cpu_without_interpreter(monkeypatch) -> N
     from headscope.kernels import triton_attention_stats as module
 
     q, k = torch.randn(1, 2, 5, 16), torch.randn(1, 1, 5, 16)
-    monkeypatch.setattr(module, "_INTERPRETING", True)  # CPU tensors get past the device check
-    with pytest.raises(ValueError, match="power of two"):
+    monkeypatch.setattr(module, "INTERPRETING", True)  # CPU tensors get past the device check
+    with pytest.raises(HeadscopeError, match="power of two"):
         module.triton_attention_stats(q, k, scale=0.25, causal=True, block_m=24)
-    monkeypatch.setattr(module, "_INTERPRETING", False)
-    with pytest.raises(RuntimeError, match="need a CUDA device or TRITON_INTERPRET=1"):
+    monkeypatch.setattr(module, "INTERPRETING", False)
+    with pytest.raises(HeadscopeError, match="need a CUDA device or TRITON_INTERPRET=1"):
         module.triton_attention_stats(q, k, scale=0.25, causal=True)
 
 

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from triton_support import IMPLEMENTATIONS, TRITON_DEVICE, needs_triton
 
 import headscope.kernels.cross_layer as cross_layer
+from headscope.errors import HeadscopeError
 from headscope.kernels.cross_layer import (
     CrossLayerSimilarity,
     check_pair,
@@ -363,9 +364,9 @@ def test_similarity_from_patterns_matches_reference() -> None:
 
 
 def test_similarity_from_patterns_errors() -> None:
-    with pytest.raises(ValueError, match="layer, head, query_pos, key_pos"):
+    with pytest.raises(HeadscopeError, match="layer, head, query_pos, key_pos"):
         similarity_from_patterns(torch.rand(2, 3, 4))
-    with pytest.raises(ValueError, match="valid must be bool"):
+    with pytest.raises(HeadscopeError, match="valid must be bool"):
         similarity_from_patterns(torch.rand(2, 3, 4, 4), torch.ones(5, dtype=torch.bool))
 
 
@@ -381,21 +382,21 @@ def test_mismatched_layers_raise_clear_errors() -> None:
         (torch.randn(2, 2, 10, 16), torch.randn(2, 2, 10, 16)),  # heads
         (torch.randn(2, 4, 9, 16), torch.randn(2, 2, 9, 16)),  # T
     ):
-        with pytest.raises(ValueError, match=shared):
+        with pytest.raises(HeadscopeError, match=shared):
             chunked_cross_layer_similarity(q, k, q_b, k_b, **options)
     # kv heads and d_head may differ between layers
     check_pair(q, k, torch.randn(2, 4, 10, 8), torch.randn(2, 1, 10, 8), None, None, None)
-    with pytest.raises(TypeError, match="share dtype and device"):
+    with pytest.raises(HeadscopeError, match="share dtype and device"):
         chunked_cross_layer_similarity(q, k, q.double(), k.double(), **options)
-    with pytest.raises(ValueError, match="cannot share"):
+    with pytest.raises(HeadscopeError, match="cannot share"):
         chunked_cross_layer_similarity(q, k, q, torch.randn(2, 3, 10, 16), **options)
-    with pytest.raises(ValueError, match="window must be at least 1"):
+    with pytest.raises(HeadscopeError, match="window must be at least 1"):
         chunked_cross_layer_similarity(q, k, q, k, window_b=0, **options)
-    with pytest.raises(ValueError, match="key_padding_mask"):
+    with pytest.raises(HeadscopeError, match="key_padding_mask"):
         chunked_cross_layer_similarity(q, k, q, k, key_padding_mask=torch.ones(2, 9), **options)
-    with pytest.raises(ValueError, match="block_rows"):
+    with pytest.raises(HeadscopeError, match="block_rows"):
         chunked_cross_layer_similarity(q, k, q, k, block_rows=0, **options)
-    with pytest.raises(ValueError, match="unknown implementation"):
+    with pytest.raises(HeadscopeError, match="unknown implementation"):
         cross_layer_similarity(q, k, q, k, implementation="fast", **options)
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from headscope.report import sink_summary
 from headscope.runs import open_run
-from headscope.scan import scan
+from headscope.scanning import scan
 
 pytestmark = pytest.mark.model
 

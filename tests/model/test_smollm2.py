@@ -11,10 +11,10 @@ import torch
 from transformer_lens import head_detector
 
 from headscope.data import TokenizedPrompts
-from headscope.probes.models import load_model
+from headscope.probes.loading import load_model
 from headscope.probes.patterns import classic_score, probe_patterns
 from headscope.runs import open_run
-from headscope.scan import scan
+from headscope.scanning import scan
 
 pytestmark = pytest.mark.model
 
@@ -92,7 +92,7 @@ def test_weight_cache_cold_then_warm(tmp_path, monkeypatch):
     """The first load dequantizes the GGUF and writes one cache entry; the second reads
     that entry without dequantizing again, writes nothing, and gives the very same logits.
     How long each takes is `headscope bench model-load`'s business, not a test's."""
-    import headscope.probes.models as models
+    from headscope.probes import loading, weight_cache
 
     monkeypatch.setenv("HEADSCOPE_CACHE", str(tmp_path))
     cold = load_model("smollm2-135m")
@@ -101,12 +101,12 @@ def test_weight_cache_cold_then_warm(tmp_path, monkeypatch):
     assert len(entries) == 1 and not entries[0].name.startswith("."), entries  # no leftovers
     written = _files(tmp_path)
     names = {Path(name).name for name in written}
-    assert models.CACHE_MARKER in names and any(n.endswith(".safetensors") for n in names)
+    assert weight_cache.CACHE_MARKER in names and any(n.endswith(".safetensors") for n in names)
 
     def dequantize_again(*_args, **_kwargs):
         raise AssertionError("the warm load dequantized the GGUF again")
 
-    monkeypatch.setattr(models, "_load_gguf", dequantize_again)
+    monkeypatch.setattr(loading, "_load_gguf", dequantize_again)
     warm = load_model("smollm2-135m")
     assert warm.cache_hit is True
     assert _files(tmp_path) == written  # read, not rewritten

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from headscope.data import TokenizedPrompts, get_prompt_set
-from headscope.probes.models import load_model
+from headscope.probes.loading import load_model
 from headscope.probes.patterns import probe_patterns, row_entropy
 from headscope.probes.streaming import probe_streaming
 

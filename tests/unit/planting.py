@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from headscope.probes.models import ModelHandle, load_model
+from headscope.probes.handle import ModelHandle
+from headscope.probes.loading import load_model
 from headscope.probes.sites import block_sites
 
 CONSTANT = 3

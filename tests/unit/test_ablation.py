@@ -8,6 +8,7 @@ import pytest
 import torch
 from planting import fresh_tiny_llama, plant_attention_to_token
 
+from headscope.ablation_spec import head_name, parse_head_name
 from headscope.errors import HeadscopeError
 from headscope.probes.ablation import (
     Ablation,
@@ -17,7 +18,7 @@ from headscope.probes.ablation import (
     parse_heads,
     resample_ablation,
 )
-from headscope.probes.models import load_model
+from headscope.probes.loading import load_model
 
 TOKENS = torch.tensor(
     [[1, 50, 60, 70, 80, 90, 100, 110, 120, 130], [1, 7, 8, 9, 10, 11, 12, 13, 14, 15]]
@@ -72,9 +73,7 @@ def test_zero_and_mean_write_exactly_the_reference_into_z(tiny_llama):
 def test_mean_reference_is_the_mean_over_real_tokens(tiny_llama):
     pooled = mean_ablation(tiny_llama, [(0, 1)], n_prompts=3)
     per_position = mean_ablation(tiny_llama, [(0, 1)], n_prompts=3, per_position=True)
-    from headscope.probes.ablation import _prompt_batches
-
-    prompts, _ = _prompt_batches(tiny_llama, "prose", 3, 8)
+    prompts = tiny_llama.tokenize("prose", 3)  # the reference prompts of both ablations
     outputs = []
     with capture_head_outputs(tiny_llama, [0]) as z, torch.no_grad():
         for tokens in prompts.tokens:
@@ -140,6 +139,14 @@ def test_parse_and_check_heads():
     for bad in ("L3", "3.5", "L3H5;L1H1", "", "LxH1"):
         with pytest.raises(HeadscopeError, match="head"):
             parse_heads(bad)
+    assert head_name(12, 0) == "L12H0" and parse_head_name(" l12 H0 ") == (12, 0)
+    assert all(parse_head_name(head_name(layer, 7)) == (layer, 7) for layer in range(30))
+    with pytest.raises(ValueError) as standalone:  # the exportable module cannot use headscope's
+        parse_head_name("L3H5;L1H1")
+    with pytest.raises(HeadscopeError) as ours:
+        parse_heads("L0H0,L3H5;L1H1")
+    assert str(ours.value) == str(standalone.value)
+    assert str(ours.value).startswith("malformed head 'L3H5;L1H1'; write heads as L<layer>H<head>")
     arch = load_model("tiny:llama").arch
     check_heads([(1, 3)], arch)
     with pytest.raises(HeadscopeError, match=r"L2H0, L0H4 are outside this model"):

@@ -321,12 +321,12 @@ def test_token_hash_distinguishes_splits_of_one_stream():
 
 
 def test_tokenized_prompts_rejects_bad_tensors():
-    with pytest.raises(ValueError, match="1-D int64"):
+    with pytest.raises(HeadscopeError, match="1-D int64"):
         TokenizedPrompts(
             name="p", prompt_set_hash="h", tokens=(torch.zeros(2, 2, dtype=torch.long),),
             bos_prepended=False,
         )  # fmt: skip
-    with pytest.raises(ValueError, match="1-D int64"):
+    with pytest.raises(HeadscopeError, match="1-D int64"):
         TokenizedPrompts(
             name="p", prompt_set_hash="h", tokens=(torch.zeros(3),), bos_prepended=False
         )
@@ -362,6 +362,26 @@ def test_batches_of_equal_lengths_keep_prompt_order(tokenized_builtins):
 def test_batches_reject_bad_batch_size(tokenized_builtins):
     with pytest.raises(HeadscopeError, match="batch size"):
         next(tokenized_builtins[("prose", True)].batches(0))
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 100])
+def test_padded_batches_are_longest_first_right_padded_and_masked(tokenized_builtins, batch_size):
+    prompts = tokenized_builtins[("ordinal", True)]
+    order = sorted(range(len(prompts)), key=lambda i: (-prompts.lengths[i], i))
+    seen = []
+    for batch in prompts.padded(batch_size, pad_id=-1):
+        assert 1 <= len(batch.indices) <= batch_size
+        width = max(prompts.lengths[i] for i in batch.indices)
+        assert batch.tokens.shape == batch.mask.shape == (len(batch.indices), width)
+        assert batch.tokens.dtype == torch.int64 and batch.mask.dtype == torch.bool
+        assert batch.lengths.tolist() == [prompts.lengths[i] for i in batch.indices]
+        for row, index in enumerate(batch.indices):
+            length = prompts.lengths[index]
+            assert torch.equal(batch.tokens[row, :length], prompts.tokens[index])
+            assert (batch.tokens[row, length:] == -1).all()
+            assert batch.mask[row].tolist() == [True] * length + [False] * (width - length)
+        seen.extend(batch.indices)
+    assert seen == order  # every prompt once, longest first, ties in prompt order
 
 
 # -- overrides and name resolution -------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 
 import pytest
 import torch
@@ -18,19 +19,33 @@ from headscope.exporters.ablation import (
     read_spec,
 )
 from headscope.probes.ablation import Ablation, mean_ablation
-from headscope.probes.models import load_model
+from headscope.probes.loading import load_model
 
 TOKENS = torch.tensor([[1, 50, 60, 70, 80, 90, 100, 110], [1, 9, 8, 7, 6, 5, 4, 3]])
 runner = CliRunner()
 
 
+HIDDEN = ("headscope", "headscope.ablation_spec", "headscope.exporters.transformer_lens_hooks")
+
+
 def load_hooks_module(folder):
-    """Import the exported standalone hooks file the way a user would."""
-    spec = importlib.util.spec_from_file_location(
-        "exported_hooks", folder / "transformer_lens_hooks.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    """Import the exported standalone hooks file the way a user would, headscope unimportable:
+    it must take the spec module from beside it."""
+    saved = {name: sys.modules.get(name) for name in HIDDEN}
+    sys.modules.update(dict.fromkeys(HIDDEN))  # None: `import headscope...` raises ImportError
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "exported_hooks", folder / "transformer_lens_hooks.py"
+        )
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = value
+    assert module.ablation_spec.__file__ == str(folder / "ablation_spec.py")
     return module
 
 
@@ -130,6 +145,25 @@ def test_cli_exports_heads_given_by_name(tmp_path):
     assert spec["heads"] == [[1, 0], [0, 2]] and spec["method"] == "zero"
     assert (out / "checkpoint" / "config.json").is_file()
     assert (out / "transformer_lens_hooks.py").is_file()
+    assert (out / "ablation_spec.py").is_file()
+
+
+def test_exported_modules_are_headscopes_own_and_stand_alone(tmp_path):
+    from headscope import ablation_spec
+    from headscope.exporters import transformer_lens_hooks
+
+    written = export_ablation(
+        load_model("tiny:llama"), Ablation(method="query_scale", heads=((0, 1),)), tmp_path / "x"
+    )
+    for module in (ablation_spec, transformer_lens_hooks):
+        name = module.__name__.rsplit(".", 1)[1] + ".py"
+        assert (written.folder / name).read_bytes() == open(module.__file__, "rb").read()
+    hooks = load_hooks_module(written.folder)
+    assert hooks.ablation_spec.head_name(3, 5) == "L3H5"
+    with pytest.raises(ValueError, match=r"^malformed head 'L3X5'; write heads as L<layer>H<head>"):
+        hooks.ablation_spec.parse_head_name("L3X5")
+    spec = json.loads(written.spec.read_text())
+    assert [name for name, _ in hooks.ablation_hooks(spec, object())] == ["blocks.0.attn.hook_q"]
 
 
 @pytest.mark.parametrize(

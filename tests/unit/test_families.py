@@ -17,14 +17,15 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score
 
+from headscope.ablation_spec import parse_head_name
+from headscope.analyses import get_detector
 from headscope.analyses.families import (
-    FAMILIES_DEFAULTS,
     _relabel,
     detect_head_families,
     head_features,
 )
-from headscope.analyses.tables import HeadTable, LayerTable, evidence_to_json
 from headscope.errors import HeadscopeError
+from headscope.tables import HeadTable, LayerTable, evidence_to_json
 
 N_LAYERS, N_HEADS = 4, 6
 LENGTHS = [20, 30]
@@ -77,7 +78,7 @@ def _labels(table: HeadTable) -> np.ndarray:
 
 
 def test_defaults_come_from_the_signature():
-    assert FAMILIES_DEFAULTS == {
+    assert get_detector("head_families").defaults == {
         "n_families": None,
         "max_families": 8,
         "seed": 0,
@@ -115,8 +116,8 @@ def test_features_are_normalised_and_named():
 
 def test_planted_families_are_recovered():
     tables, stats, groups = _planted()
-    table = detect_head_families(tables, stats)
-    assert table.detector == "head_families"
+    table = get_detector("head_families").run_tables(tables, stats)
+    assert (table.detector, table.group) == ("head_families", "families")
     assert table.prompt_set == "prose"
     summary = table.summary
     assert summary["n_families"] == 3
@@ -138,9 +139,7 @@ def test_planted_families_are_recovered():
     assert "high entropy@prose" in diffuse or "low max_prob@prose" in diffuse
     assert len({f["name"] for f in summary["families"]}) == 3
     members = sink["members"]
-    assert len(members) == 10 and all(
-        groups[int(m[1 : m.index("H")]), int(m[m.index("H") + 1 :])] == "sink" for m in members
-    )
+    assert len(members) == 10 and all(groups[parse_head_name(m)] == "sink" for m in members)
     first = table.frame["evidence"][0]
     assert set(first) >= {"family", "family_name", "x", "y", "features"}
     assert set(first["features"]) == set(table.params["features"])
@@ -188,7 +187,8 @@ def test_relabelling_ignores_kmeans_numbering():
 
 def test_layer_tables_and_earlier_families_are_ignored():
     tables, stats, _ = _planted()
-    reference = detect_head_families(tables, stats)
+    families = get_detector("head_families")
+    reference = families.run_tables(tables, stats)
     layer_table = LayerTable(
         frame=pd.DataFrame(
             {
@@ -202,7 +202,7 @@ def test_layer_tables_and_earlier_families_are_ignored():
         detector="residual_peak",
         prompt_set="prose",
     )
-    again = detect_head_families([layer_table, reference, *tables], stats)
+    again = families.run_tables([layer_table, reference, *tables], stats)
     _assert_same(reference, again)
     assert not any(name.startswith("head_families") for name in again.params["features"])
 
@@ -278,7 +278,7 @@ def test_tsne_embedding_is_seeded():
 def test_a_scan_runs_families_last_on_every_other_table(tmp_path):
     """Wired into the scan: the family features include the other detectors' scores."""
     from headscope.runs import open_run
-    from headscope.scan import scan
+    from headscope.scanning import scan
 
     result = scan(
         "tiny:llama:3", prompts="prose,code", detectors="previous_token,head_families,successor",
@@ -293,7 +293,7 @@ def test_a_scan_runs_families_last_on_every_other_table(tmp_path):
 
 
 def test_families_alone_still_have_the_streaming_statistics():
-    from headscope.scan import scan
+    from headscope.scanning import scan
 
     result = scan(
         "tiny:llama:3", prompts="prose", detectors="head_families", n_prompts=4,
@@ -309,7 +309,8 @@ def test_a_detector_cannot_take_a_table_name_already_taken():
     with pytest.raises(ValueError, match="already taken"):
         register_detector(
             Detector(
-                name="another_redundancy", role="x", function=lambda h: h,
+                name="another_redundancy", role="x", group="redundancy",
+                function=get_detector("layer_redundancy").function,
                 primary_prompt_set="prose", description="x", capture="model",
                 tables=("llm_drop_block",),
             )

@@ -11,18 +11,18 @@ import torch
 
 from headscope.analyses import get_detector
 from headscope.analyses.importance import (
-    IMPORTANCE_DEFAULTS,
     ablation_importance,
     detect_head_importance,
     gradient_importance,
     spearman,
 )
-from headscope.analyses.tables import HeadTable
 from headscope.data import get_prompt_set
 from headscope.data.prompt_sets import TokenizedPrompts
 from headscope.errors import HeadscopeError, NotApplicable
 from headscope.probes.ablation import mean_ablation
-from headscope.probes.models import ModelHandle, load_model
+from headscope.probes.handle import ModelHandle
+from headscope.probes.loading import load_model
+from headscope.tables import HeadTable
 
 D_HEAD = 16
 
@@ -133,9 +133,9 @@ def test_ablation_delta_is_the_loss_increase_of_that_head_alone(double_llama):
     prompts = _random_prompts([16, 16, 16], seed=2)
     calls = []
     delta, base_loss = ablation_importance(
-        handle, prompts, reference_prompts=4, batch_size=2, on_head=lambda: calls.append(1)
+        handle, prompts, reference_prompts=4, batch_size=2, on_progress=lambda *r: calls.append(r)
     )
-    assert len(calls) == 8
+    assert calls == [("head importance: ablations", i, 8) for i in range(9)]
     assert base_loss == pytest.approx(np.mean([_loss(handle, t) for t in prompts.tokens]))
     alone = mean_ablation(handle, [(1, 3)], prompt_set="prose", n_prompts=4)
     with handle.ablated(alone):
@@ -154,17 +154,25 @@ def test_spearman_agrees_with_scipy_on_ties():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
-    with pytest.raises(ValueError):
+    with pytest.raises(HeadscopeError):
         spearman([1, 2], [1, 2, 3])
 
 
 def test_detector_table(tiny_llama):
-    progress: list[int] = []
-    table = detect_head_importance(
-        tiny_llama, n_prompts=4, reference_prompts=4, batch_size=4, on_batch=progress.append
+    progress: dict[str, tuple[int, int]] = {}
+    table = get_detector("head_importance").run_experiment(
+        tiny_llama,
+        n_prompts=4,
+        reference_prompts=4,
+        batch_size=4,
+        on_progress=lambda *r: progress.__setitem__(r[0], r[1:]),
     )
     assert isinstance(table, HeadTable)
-    assert table.detector == "head_importance" and table.prompt_set == "prose"
+    assert (table.detector, table.group, table.prompt_set) == (
+        "head_importance",
+        "importance",
+        "prose",
+    )
     assert len(table.frame) == 8
     assert table.params["evaluated_prompts"] == [4, 8]
     summary = table.summary
@@ -202,12 +210,17 @@ def test_detector_table(tiny_llama):
     assert evidence[best]["ablation_delta_loss"] == max(e["ablation_delta_loss"] for e in evidence)
     top = table.frame.iloc[best]
     assert summary["top_ablation"][0] == f"L{top['layer']}H{top['head']}"
-    assert sum(progress) == 4 + 8 * 4  # the gradient pass, then 4 prompts per ablated head
+    assert progress == {  # the gradient pass over 4 prompts, then 8 ablated heads
+        "head importance: gradients": (4, 4), "head importance: ablations": (8, 8),
+    }  # fmt: skip
 
 
 def test_registered_and_runs_through_the_registry(tiny_llama):
     detector = get_detector("head_importance")
-    assert detector.capture == "model" and detector.defaults == IMPORTANCE_DEFAULTS
+    assert detector.capture == "model" and detector.defaults == {
+        "prompt_set": "prose", "n_prompts": 16, "reference_set": "prose",
+        "reference_prompts": 32, "flag_fraction": 0.2,
+    }  # fmt: skip
     table = detector.run_experiment(tiny_llama, batch_size=8, n_prompts=2, reference_prompts=2)
     assert len(table.frame) == 8 and table.params["evaluated_prompts"] == [2, 4]
 

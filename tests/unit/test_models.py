@@ -7,7 +7,10 @@ import json
 import pytest
 import torch
 
-from headscope.probes.models import ModelLoadError, available_models, load_model
+from headscope.data import PromptSet
+from headscope.errors import ModelLoadError
+from headscope.probes.loading import load_model
+from headscope.probes.model_catalog import available_models
 
 
 @pytest.mark.parametrize(
@@ -30,6 +33,16 @@ def test_tiny_models_are_deterministic():
         first.model.state_dict().items(), second.model.state_dict().items(), strict=True
     ):
         assert torch.equal(a, b), name
+
+
+def test_the_handle_encodes_a_text_as_its_prompt_sets_do(tiny_llama):
+    text = "Monday, Tuesday, Wednesday"
+    one = PromptSet(name="one", description="one text", kind="texts", texts=(text,))
+    (tokens,) = tiny_llama.tokenize(one).tokens
+    assert tiny_llama.encode(text) == tokens.tolist()
+    assert tokens[0] == tiny_llama.bos_id == tiny_llama.arch.bos_token_id
+    assert tiny_llama.encode(text, max_text_tokens=3) == tokens[:4].tolist()  # BOS not counted
+    assert tiny_llama.pad_id == tiny_llama.tokenizer.pad_token_id
 
 
 def test_bridge_wraps_the_same_weights(tiny_llama):
@@ -100,19 +113,19 @@ def test_arch_info_is_json_serialisable(tiny_llama):
 
 def test_a_corrupt_weight_cache_entry_is_dropped_not_fatal(tmp_path, monkeypatch):
     """More in test_weight_cache.py; here the loader's own read and publish."""
-    from headscope.probes import models, weight_cache
+    from headscope.probes import loading, weight_cache
 
     monkeypatch.setenv("HEADSCOPE_CACHE", str(tmp_path / "cache"))
     source = tmp_path / "model.gguf"
     source.write_bytes(b"stands in for a GGUF")
     key = weight_cache.key_for("some-model", [source])
     handle = load_model("tiny:llama")
-    models._publish(key, handle.model, handle.tokenizer)
-    model, _ = models._read_cache(key)
+    loading._publish(key, handle.model, handle.tokenizer)
+    model, _ = loading._read_cache(key)
     assert model.config.num_hidden_layers == 2
     (key.path / "model.safetensors").write_bytes(b"\x00" * 64)
-    assert models._read_cache(key) is None
+    assert loading._read_cache(key) is None
     assert not key.path.exists()
     key.path.mkdir()  # a folder without a marker
-    assert models._read_cache(key) is None
+    assert loading._read_cache(key) is None
     assert not key.path.exists()

@@ -8,7 +8,7 @@ from transformer_lens import head_detector
 from transformer_lens import head_detector as tl
 
 from headscope.data import TokenizedPrompts
-from headscope.probes.models import load_model
+from headscope.probes.loading import load_model
 from headscope.probes.patterns import (
     CLASSIC_KINDS,
     classic_parts,

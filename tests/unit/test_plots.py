@@ -9,8 +9,7 @@ import plotly.graph_objects as go
 import pytest
 from typer.testing import CliRunner
 
-from headscope.analyses.drop_simulation import run_drop_simulation
-from headscope.analyses.tables import HeadTable, LayerTable
+from headscope.analyses import get_detector
 from headscope.cli import app
 from headscope.html_report import build_html_report
 from headscope.plots import (
@@ -22,9 +21,10 @@ from headscope.plots import (
     layer_bars,
     role_census,
 )
-from headscope.probes.models import load_model
+from headscope.probes.loading import load_model
 from headscope.runs import open_run
-from headscope.scan import scan
+from headscope.scanning import scan
+from headscope.tables import HeadTable, LayerTable
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +40,9 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def drop_table():
-    return run_drop_simulation(
+    return get_detector("drop_simulation").run_experiment(
         load_model("tiny:llama:3"), calibration_prompts_n=2, held_out_prompts=2,
-        max_attention_drops=2, max_block_drops=1, n_points=3, n_random=2, on_batch=lambda n: None,
+        max_attention_drops=2, max_block_drops=1, n_points=3, n_random=2,
     )  # fmt: skip
 
 

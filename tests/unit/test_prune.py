@@ -26,7 +26,7 @@ from headscope.exporters.prune import (
     orders_from_run,
 )
 from headscope.probes.layer_similarity import measure_layer_similarity
-from headscope.probes.models import load_model
+from headscope.probes.loading import load_model
 
 LOGIT_ATOL = 1e-4
 
@@ -204,7 +204,7 @@ def test_drop_simulation_curves_and_single_drop_costs():
 
 
 def test_orders_from_a_run(tmp_path):
-    from headscope.scan import scan
+    from headscope.scanning import scan
 
     result = scan(
         "tiny:llama:4", prompts="prose", detectors="layer_redundancy", n_prompts=4,

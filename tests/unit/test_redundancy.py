@@ -23,7 +23,7 @@ from headscope.analyses.redundancy import (
 )
 from headscope.errors import NotApplicable
 from headscope.probes.layer_similarity import measure_layer_similarity
-from headscope.probes.models import load_model
+from headscope.probes.loading import load_model
 
 ARCHS = ["llama", "gemma3", "gpt2"]
 

@@ -10,7 +10,6 @@ import pytest
 import safetensors.torch
 import torch
 
-from headscope.analyses.tables import HeadTable, LayerTable
 from headscope.errors import HeadscopeError
 from headscope.outputs import check_output_folder
 from headscope.runs import (
@@ -21,6 +20,7 @@ from headscope.runs import (
     open_run,
     write_run,
 )
+from headscope.tables import HeadTable, LayerTable
 
 
 def make_head_table(detector: str, prompt_set: str, seed: int = 0) -> HeadTable:
@@ -329,21 +329,20 @@ def test_list_runs_sorts_newest_first_and_skips_bad_and_partial(tmp_path):
     assert list_runs(tmp_path / "nowhere") == []
 
 
-def test_headscope_scan_stays_callable_after_the_submodule_is_imported():
-    """Importing headscope.scan (as the CLI does) binds the module to the name."""
-    import headscope
-    import headscope.scan as scan_module
+def test_headscope_scan_is_the_function_and_scanning_the_module():
+    """``headscope.scan`` is only the function; the module is ``headscope.scanning``."""
+    import importlib.util
 
-    assert callable(headscope.scan) and callable(scan_module)
+    import headscope
+    import headscope.scanning
+
+    assert headscope.scan is headscope.scanning.scan
+    assert importlib.util.find_spec("headscope.scan") is None
     result = headscope.scan(
         "tiny:llama", prompts="prose", detectors="first_token_sink", n_prompts=2,
         on_progress=False,
     )  # fmt: skip
-    again = headscope.scan(
-        "tiny:llama", prompts="prose", detectors="first_token_sink", n_prompts=2,
-        on_progress=False,
-    )  # fmt: skip
-    assert type(result).__name__ == type(again).__name__ == "ScanResult"
+    assert type(result).__name__ == "ScanResult"
 
 
 def check_run(out, *, force: bool):

@@ -221,14 +221,14 @@ def test_streaming_window_reports_three_perplexities_and_the_planted_sink(plante
 
 
 def test_streaming_window_is_not_applicable_to_an_encoder():
-    from headscope.probes.models import load_model
+    from headscope.probes.loading import load_model
 
     with pytest.raises(NotApplicable, match="causal"):
         run_streaming_window(load_model("tiny:bert"))
 
 
 def test_layers_with_their_own_sliding_window_keep_it_under_window_attention():
-    from headscope.probes.models import load_model
+    from headscope.probes.loading import load_model
 
     handle = load_model("tiny:gemma3")  # both layers are 16-token sliding-window layers
     assert set(handle.model.config.layer_types) == {"sliding_attention"}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from headscope.data import get_prompt_set
-from headscope.probes.models import load_model
+from headscope.probes.loading import load_model
 from headscope.probes.patterns import probe_patterns
 from headscope.probes.streaming import ATTENTION_NAME, probe_streaming, streaming_attention
 

@@ -1,17 +1,17 @@
-"""Successor heads (METHODS §4) on tiny models: token sets, effective OV, planted head, ablation.
+"""Successor heads on tiny models: token sets, effective OV, planted head, ablation.
 
 The tiny BPE tokenizer keeps numbers 1-9, "one"/"two", "first" and all 26
 letters as single tokens (some with a leading space, some without) and no day
 or month; cyclic tasks are exercised with a word-level fake tokenizer.
 Planted: tiny:llama's L1H2 gets a W_O that sends each number / number word to
-its successor's unembedding direction (see planting.py).
+its successor's unembedding direction (see planting.py). The method (Gould et
+al. 2023): docs/methods.md, "successor".
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-import types
 
 import numpy as np
 import pytest
@@ -20,7 +20,6 @@ from planting import fresh_tiny_llama, plant_successor_head
 
 from headscope.analyses import get_detector
 from headscope.analyses.successor import (
-    SUCCESSOR_DEFAULTS,
     continuation_accuracy,
     continuation_prompts,
     detect_successor_heads,
@@ -30,7 +29,8 @@ from headscope.analyses.successor import (
     succession_scores,
 )
 from headscope.errors import HeadscopeError, NotApplicable
-from headscope.probes.models import load_model
+from headscope.probes.handle import ModelHandle
+from headscope.probes.loading import load_model
 
 PLANTED_HEAD = (1, 2)
 SIBLING_HEAD = (1, 3)  # shares KV head 1 (and so W_V) with the planted head
@@ -123,9 +123,14 @@ def test_cyclic_pairs_wrap_and_never_include_dropped_items():
         ordinal_token_sets(FAKE, ["weekdays"])
 
 
-def test_continuation_runs_wrap_and_skip_texts_not_ending_in_the_target_token():
-    fake_handle = types.SimpleNamespace(
-        tokenizer=FAKE, arch=types.SimpleNamespace(prepend_bos=True, bos_token_id=999)
+def test_continuation_runs_wrap_and_skip_texts_not_ending_in_the_target_token(tiny_llama):
+    fake_handle = ModelHandle(
+        spec="fake",
+        model=None,
+        tokenizer=FAKE,
+        arch=dataclasses.replace(tiny_llama.arch, prepend_bos=True, bos_token_id=999),
+        source="word tokenizer",
+        load_seconds=0.0,
     )
     prompts = continuation_prompts(fake_handle, ordinal_token_sets(FAKE, ["days"]))
     # runs of four surviving days: Thu-Sun (its text ends in " Sunday", not a token: skipped),
@@ -262,17 +267,19 @@ def test_other_architectures_and_not_applicable_cases(tiny_llama):
 def test_registered_as_a_model_experiment_with_at_least_20_random_draws():
     detector = get_detector("successor")
     assert detector.capture == "model" and detector.primary_prompt_set == "ordinal"
-    assert dict(detector.defaults) == SUCCESSOR_DEFAULTS
-    assert SUCCESSOR_DEFAULTS["n_random"] >= 20 and SUCCESSOR_DEFAULTS["threshold"] == 0.4
-    assert not {"stats_by_set", "batch_size", "on_batch"} & set(SUCCESSOR_DEFAULTS)
+    assert detector.defaults["n_random"] >= 20 and detector.defaults["threshold"] == 0.4
+    assert not {"stats_by_set", "batch_size", "on_progress"} & set(detector.defaults)
 
 
 def test_behavioural_check_with_the_default_random_draws(tiny_llama):
-    calls = []
+    reports = {}
     run = get_detector("successor").run_experiment
-    table = run(tiny_llama, on_batch=calls.append, reference_prompts=2)
+    table = run(
+        tiny_llama, on_progress=lambda *r: reports.__setitem__(r[0], r[1:]), reference_prompts=2
+    )
     summary = table.summary
-    assert len(calls) == 2 + 20  # clean, top ablated, 20 random draws
+    # clean, top ablated, 20 random draws
+    assert reports == {"successor: ablation conditions": (2 + 20, 2 + 20)}
     assert summary["behaviour_prompts"] == 29
     assert summary["ablated_heads"] == [table.summary["best_head"]]
     assert len(summary["random_heads"]) == len(summary["accuracy_random_draws"]) == 20

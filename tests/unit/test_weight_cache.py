@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from headscope.probes import models, weight_cache
+from headscope.probes import loading, weight_cache
 from headscope.probes.weight_cache import (
     CACHE_MARKER,
     PARTIAL_TAG,
@@ -62,11 +62,11 @@ def saver(handle, *, then=None):
 
 
 def load(folder: Path):
-    return models._load_hf_folder(folder, quiet=True)
+    return loading._load_hf_folder(folder, quiet=True)
 
 
 def read_model(key: CacheKey):
-    return read(key, load, errors=models._cache_load_errors())
+    return read(key, load, errors=loading._cache_load_errors())
 
 
 def same_weights(model, handle) -> bool:
@@ -389,12 +389,12 @@ def test_an_unwritable_cache_warns_once_and_the_model_still_loads(
 ):
     gguf = tmp_path / "tiny.gguf"
     gguf.write_bytes(b"fake gguf")
-    converted = models.load_model("tiny:llama")
-    monkeypatch.setattr(models, "_load_gguf", lambda path: (converted.model, converted.tokenizer))
+    converted = loading.load_model("tiny:llama")
+    monkeypatch.setattr(loading, "_load_gguf", lambda path: (converted.model, converted.tokenizer))
     fault(tmp_path, monkeypatch)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        handle = models.load_model(str(gguf))
+        handle = loading.load_model(str(gguf))
     messages = [str(w.message) for w in caught if "converted-weight cache" in str(w.message)]
     assert len(messages) == 1, messages
     assert str(weight_cache.models_dir()) in messages[0]
@@ -403,7 +403,7 @@ def test_an_unwritable_cache_warns_once_and_the_model_still_loads(
         assert list(root.iterdir()) == []
 
 
-# --------------------------------------------------------------------------- models.py uses it
+# --------------------------------------------------------------------------- loading.py uses it
 
 
 def test_a_gguf_spec_converts_once_then_reads_the_cache(root, tmp_path, monkeypatch):
@@ -413,18 +413,18 @@ def test_a_gguf_spec_converts_once_then_reads_the_cache(root, tmp_path, monkeypa
 
     def fake_convert(path):
         calls.append(path)
-        handle = models.load_model("tiny:llama")
+        handle = loading.load_model("tiny:llama")
         return handle.model, handle.tokenizer
 
-    monkeypatch.setattr(models, "_load_gguf", fake_convert)
-    cold = models.load_model(str(gguf))
-    warm = models.load_model(str(gguf))
+    monkeypatch.setattr(loading, "_load_gguf", fake_convert)
+    cold = loading.load_model(str(gguf))
+    warm = loading.load_model(str(gguf))
     assert (cold.cache_hit, warm.cache_hit, len(calls)) == (False, True, 1)
     assert same_weights(warm.model, cold)
     (entry,) = root.iterdir()
     assert entry.name.startswith("my-model.q4-")
     gguf.write_bytes(b"fake gguf, version 2")  # same size: a new key all the same
-    assert models.load_model(str(gguf)).cache_hit is False
+    assert loading.load_model(str(gguf)).cache_hit is False
     (newer,) = root.iterdir()  # the superseded entry is pruned
     assert newer.name != entry.name and len(calls) == 2
 

@@ -7,8 +7,16 @@ import shlex
 
 import streamlit as st
 
-from headscope.dashboard.data import current_run, head_label, parse_head_label
+from headscope.ablation_spec import (
+    HEAD_METHODS,
+    SPEC_FORMAT,
+    SPEC_VERSION,
+    head_name,
+    parse_head_name,
+)
+from headscope.dashboard.data import current_run
 from headscope.exporters.prune import PrunePlan
+from headscope.tables import primary_prompt_sets, tables_of
 
 
 def _layer_order(order, n_layers: int) -> list[int]:
@@ -25,7 +33,7 @@ arch = run.manifest.get("model", {}).get("arch", {})
 n_layers, n_heads = int(arch.get("n_layers", 0)), int(arch.get("n_heads", 0))
 st.title("Export")
 kind = st.radio("what", ["head ablation", "pruned model"], horizontal=True)
-labels = [head_label(layer, head) for layer in range(n_layers) for head in range(n_heads)]
+labels = [head_name(layer, head) for layer in range(n_layers) for head in range(n_heads)]
 
 if kind == "head ablation":
     tables = run.head_tables()
@@ -34,17 +42,16 @@ if kind == "head ablation":
     )
     suggested: list[str] = []
     if source != "(none)":
-        table = next(t for t in tables if t.detector == source)
+        table = tables_of(tables, source, None, primary_prompt_sets(run.manifest))[0]
         top = st.number_input("top", 1, max(1, len(table.frame)), 3)
         best = table.top(int(top)).itertuples()
-        suggested = [head_label(int(r.layer), int(r.head)) for r in best]
+        suggested = [head_name(r.layer, r.head) for r in best]
         suggested = [label for label in suggested if label in labels]  # within the model
     heads = st.multiselect("heads", labels, default=suggested)
-    method = st.selectbox("method", ["zero", "mean", "resample", "query_scale"])
+    method = st.selectbox("method", list(HEAD_METHODS))
     preview = {
-        "format": "headscope-ablation", "version": 1, "model": spec, "method": method,
-        "heads": [{"layer": parse_head_label(h)[0], "head": parse_head_label(h)[1]}
-                  for h in heads],
+        "format": SPEC_FORMAT, "version": SPEC_VERSION, "model": spec, "method": method,
+        "heads": [{"layer": layer, "head": head} for layer, head in map(parse_head_name, heads)],
         "note": "preview: `headscope export ablation` adds the reference outputs "
         "(mean/resample) and the model's shape",
     }  # fmt: skip
@@ -68,7 +75,7 @@ else:
     blocks = st.multiselect("blocks to remove", list(range(n_layers)))
     heads = st.multiselect("heads to zero", labels)
     plan = PrunePlan(attention_layers=tuple(attention), blocks=tuple(blocks),
-                     heads=tuple(parse_head_label(h) for h in heads))  # fmt: skip
+                     heads=tuple(parse_head_name(h) for h in heads))  # fmt: skip
     preview = {"format": "headscope-prune", "version": 1, "model": spec,
                "removed": plan.to_json()}  # fmt: skip
     parts = [f"headscope export prune --model {shlex.quote(str(spec))} --out exports/pruned"]

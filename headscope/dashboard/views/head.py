@@ -9,14 +9,13 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from headscope.ablation_spec import head_name, parse_head_name
 from headscope.dashboard.data import (
     HEAD_KEY,
     attention_on_prompt,
     current_run,
     decoded_tokens,
-    head_label,
     md,
-    parse_head_label,
     show_error,
 )
 from headscope.errors import HeadscopeError
@@ -55,11 +54,11 @@ n_layers, n_heads = int(arch.get("n_layers", 0)), int(arch.get("n_heads", 0))
 if not n_layers or not n_heads:
     st.error("The run's manifest does not describe the model's layers and heads.")
     st.stop()
-labels = [head_label(layer, head) for layer in range(n_layers) for head in range(n_heads)]
+labels = [head_name(layer, head) for layer in range(n_layers) for head in range(n_heads)]
 if st.session_state.get(HEAD_KEY) not in labels:
     st.session_state[HEAD_KEY] = labels[0]
 choice = st.selectbox("head", labels, key=HEAD_KEY)
-layer, head = parse_head_label(choice)
+layer, head = parse_head_name(choice)
 st.title(f"Head {choice}")
 
 rows = []

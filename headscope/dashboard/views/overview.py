@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from headscope.dashboard.data import HEAD_KEY, current_run, head_label, md
+from headscope.ablation_spec import head_name, parse_head_name
+from headscope.dashboard.data import HEAD_KEY, current_run, md
 from headscope.plots import head_heatmap, layer_bars, role_census
 
 run = current_run()
@@ -42,9 +43,8 @@ for i, table in enumerate(head_tables):
     points = (event or {}).get("selection", {}).get("points", [])
     if points:
         point = points[0]
-        layer = int(str(point["y"]).removeprefix("L"))
-        head = int(str(point["x"]).removeprefix("H"))
-        st.session_state[HEAD_KEY] = head_label(layer, head)
+        layer, head = parse_head_name(f"{point['y']}{point['x']}")  # "L3" and "H5" ticks
+        st.session_state[HEAD_KEY] = head_name(layer, head)
         st.switch_page("views/head.py")
 
 st.header("Layers")

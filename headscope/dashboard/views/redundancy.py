@@ -8,14 +8,12 @@ import streamlit as st
 from headscope.dashboard.data import current_run, md, show_error
 from headscope.plots import drop_curves, layer_bars
 from headscope.report import UNREADABLE, unreadable
-
-REDUNDANCY = ("llm_drop_attention", "llm_drop_mlp", "llm_drop_block", "block_influence",
-              "attention_similarity")  # fmt: skip
+from headscope.tables import LayerTable
 
 run = current_run()
 st.title("Layer redundancy")
-tables = {t.detector: t for t in run.layer_tables()}
-present = [name for name in REDUNDANCY if name in tables]
+tables = {t.detector: t for t in run.in_group("redundancy") if isinstance(t, LayerTable)}
+present = [name for name in tables if name != "drop_simulation"]  # its curves come first
 if not present and "drop_simulation" not in tables:
     st.info("This run has no redundancy tables; scan with `--detectors layer_redundancy`.")
     st.stop()

@@ -1,15 +1,15 @@
-"""Roles: every head detector of the run (classic heads, successor, importance,
-families, and any detector added later), one figure set per table."""
+"""Roles: every head table of the run outside the "sinks" group (classic heads,
+successor, importance, families, and any detector added later), one figure set per table."""
 
 from __future__ import annotations
 
 import streamlit as st
 
-from headscope.dashboard.data import SINK_DETECTORS, current_run, md, table_figures
+from headscope.dashboard.data import current_run, md, table_figures
 
 run = current_run()
 st.title("Head roles")
-tables = [t for t in run.head_tables() if t.detector not in SINK_DETECTORS]
+tables = [t for t in run.head_tables() if t.group != "sinks"]  # the Sinks page has those
 if not tables:
     st.info("This run has no role detectors beyond the sink suite.")
     st.stop()

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from headscope.ablation_spec import head_name
 from headscope.dashboard.data import (
     COMPARE_KEY,
     RUN_KEY,
@@ -74,7 +75,7 @@ if a.matrix().shape == b.matrix().shape:
     difference = b.matrix() - a.matrix()
     st.metric("largest change of a head's score", f"{np.nanmax(np.abs(difference)):.4g}")
     delta = pd.DataFrame(
-        [(f"L{layer}H{head}", a.matrix()[layer, head], b.matrix()[layer, head])
+        [(head_name(layer, head), a.matrix()[layer, head], b.matrix()[layer, head])
          for layer, head in zip(*np.unravel_index(np.argsort(-np.abs(np.nan_to_num(difference)),
                                                              axis=None)[:10], difference.shape),
                                 strict=True)],

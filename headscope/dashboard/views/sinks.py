@@ -6,16 +6,17 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from headscope.dashboard.data import SINK_DETECTORS, current_run, md, table_figures
+from headscope.dashboard.data import current_run, md, table_figures
 from headscope.report import sink_summary
+from headscope.tables import primary_prompt_sets
 
 run = current_run()
 st.title("Attention sinks")
-tables = [t for t in [*run.head_tables(), *run.layer_tables()] if t.detector in SINK_DETECTORS]
+tables = run.in_group("sinks")
 if not tables:
     st.info("This run has no sink analyses; scan with the default detectors.")
     st.stop()
-rows = sink_summary(tables)
+rows = sink_summary(tables, primary=primary_prompt_sets(run.manifest))
 if rows:
     st.dataframe(pd.DataFrame(rows, columns=["quantity", "value"]), hide_index=True)
 detectors = list(dict.fromkeys(t.detector for t in tables))

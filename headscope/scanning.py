@@ -1,4 +1,4 @@
-"""``scan``: model + prompt sets + detectors -> tables, and a run on disk.
+"""``scan`` (``headscope.scan``): model + prompt sets + detectors -> tables, and a run on disk.
 
 Everything a user can get wrong (detector names, prompt-set names, the output
 folder) is checked before the model is loaded, so a bad call fails in a second
@@ -8,16 +8,13 @@ and leaves nothing behind; the run itself is written atomically by
 
 from __future__ import annotations
 
-import sys
 import time
-import types
-from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from headscope.analyses import HeadTable, LayerTable, resolve_detectors
+from headscope.analyses import resolve_detectors
 from headscope.analyses.registry import Detector
 from headscope.checks import (
     check_batch_size,
@@ -29,29 +26,18 @@ from headscope.checks import (
 from headscope.data import PromptSet, get_prompt_set
 from headscope.errors import HeadscopeError, NotApplicable
 from headscope.outputs import OutputFolder
-from headscope.probes.models import DEFAULT_MODEL, ModelHandle, load_model
+from headscope.probes.handle import ModelHandle
+from headscope.probes.loading import load_model
+from headscope.probes.model_catalog import DEFAULT_MODEL
 from headscope.probes.patterns import DEFAULT_SINK_KEYS, pattern_capture_bytes, probe_patterns
 from headscope.probes.streaming import probe_streaming
+from headscope.progress import Progress, ProgressBars, counter
 from headscope.runs import RUN_FOLDER, write_run
+from headscope.tables import HeadTable, LayerTable, TableLookup
 
 DEFAULT_PROMPT_SETS = ("prose", "code", "random-repeat", "repeated-token")
 
-#: on_progress(label, prompts_done, prompts_total)
-ProgressCallback = Callable[[str, int, int], None]
 PROBES = {"streaming": probe_streaming, "patterns": probe_patterns}
-
-
-def _counter(on_progress: ProgressCallback | None, label: str, total: int) -> Callable[[int], None]:
-    """Turn per-batch counts into (label, done, total) progress calls."""
-    done = 0
-
-    def advance(n: int) -> None:
-        nonlocal done
-        done += n
-        if on_progress is not None:
-            on_progress(label, done, total)
-
-    return advance
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,8 +76,12 @@ class ScanConfig:
 
 
 @dataclass(kw_only=True)
-class ScanResult:
-    """In-memory result of a scan; ``path`` is set when it was also written as a run."""
+class ScanResult(TableLookup):
+    """In-memory result of a scan; ``path`` is set when it was also written as a run.
+
+    Tables are looked up as in a run (``table``, ``head_table``, ``layer_table``,
+    ``in_group``).
+    """
 
     manifest: dict[str, Any]
     head_tables: list[HeadTable]
@@ -99,21 +89,11 @@ class ScanResult:
     layer_tables: list[LayerTable] = field(default_factory=list)
     path: Path | None = None
 
-    def table(self, detector: str, prompt_set: str | None = None) -> HeadTable | LayerTable:
-        """The table of ``detector`` (on ``prompt_set``, else its first one)."""
-        for table in [*self.head_tables, *self.layer_tables]:
-            if table.detector == detector and prompt_set in (None, table.prompt_set):
-                return table
-        skipped = {s["detector"]: s["reason"] for s in self.manifest.get("skipped", [])}
-        if detector in skipped:
-            raise HeadscopeError(f"detector '{detector}' was skipped: {skipped[detector]}")
-        raise HeadscopeError(f"no table for detector '{detector}' on prompt set '{prompt_set}'")
+    def _tables(self) -> list[HeadTable | LayerTable]:
+        return [*self.head_tables, *self.layer_tables]
 
-    def head_table(self, detector: str, prompt_set: str | None = None) -> HeadTable:
-        table = self.table(detector, prompt_set)
-        if not isinstance(table, HeadTable):
-            raise HeadscopeError(f"detector '{detector}' gives a layer table; use table()")
-        return table
+    def _where(self) -> str:
+        return "this scan" if self.path is None else f"the scan written to {self.path}"
 
     def _repr_html_(self) -> str:
         model = self.manifest["model"]["spec"]
@@ -122,35 +102,20 @@ class ScanResult:
         return "\n".join(parts)
 
 
-def _tqdm_progress() -> ProgressCallback:
-    from tqdm.auto import tqdm
-
-    bars: dict[str, Any] = {}
-
-    def update(name: str, done: int, total: int) -> None:
-        bar = bars.get(name)
-        if bar is None:
-            bar = bars[name] = tqdm(total=total, desc=f"scan {name}", unit="prompt")
-        bar.update(done - bar.n)
-        if done >= total:
-            bar.close()
-
-    return update
-
-
 def scan(
     model: str | ModelHandle | None = None,
     *,
     config: ScanConfig | None = None,
     out: str | Path | None = None,
     force: bool = False,
-    on_progress: ProgressCallback | None | bool = True,
+    on_progress: Progress | None | bool = True,
     **overrides: Any,
 ) -> ScanResult:
     """Probe ``model`` on prompt sets, run detectors, optionally write a run to ``out``.
 
     ``overrides`` are ScanConfig fields (``prompts=("prose",)``, ``detectors=...``).
-    ``on_progress``: True for tqdm bars, False/None for silence, or a callback.
+    ``on_progress``: True for progress bars (``headscope.progress.ProgressBars``),
+    False/None for silence, or a callback ``(label, done, total)``.
     """
     if isinstance(overrides.get("prompts"), str):
         overrides["prompts"] = tuple(p.strip() for p in overrides["prompts"].split(",") if p)
@@ -163,13 +128,14 @@ def scan(
     config = ScanConfig(**{**(asdict(config) if config else {}), **overrides})
     detectors = resolve_detectors(list(config.detectors) if config.detectors else None)
     prompt_sets = _prompt_sets(config)
-    if on_progress is True:
-        on_progress = _tqdm_progress()
-    elif on_progress is False:
-        on_progress = None
+    bars = ProgressBars(prefix="scan ") if on_progress is True else None
+    callback = bars if bars is not None else (on_progress or None)
     # claimed before the model loads: a bad or busy --out fails now, not after the scan
-    with OutputFolder(out, RUN_FOLDER, force=force) if out is not None else nullcontext() as folder:
-        return _scan(model, config, detectors, prompt_sets, on_progress, folder)
+    with (
+        bars if bars is not None else nullcontext(),
+        OutputFolder(out, RUN_FOLDER, force=force) if out is not None else nullcontext() as folder,
+    ):
+        return _scan(model, config, detectors, prompt_sets, callback, folder)
 
 
 def _prompt_sets(config: ScanConfig) -> list[PromptSet]:
@@ -210,7 +176,7 @@ def _scan(
     config: ScanConfig,
     detectors: list[Detector],
     prompt_sets: list[PromptSet],
-    on_progress: ProgressCallback | None,
+    on_progress: Progress | None,
     folder: OutputFolder | None,
 ) -> ScanResult:
     started = time.perf_counter()
@@ -229,14 +195,13 @@ def _scan(
         for capture in ("streaming", "patterns"):
             if capture not in captures:
                 continue
-            label = f"{prompt_set.name} ({capture})"
             t0 = time.perf_counter()
             stats[prompt_set.name][capture] = PROBES[capture](
                 handle,
                 prompts,
                 batch_size=config.batch_size,
                 n_sink_keys=config.n_sink_keys,
-                on_batch=_counter(on_progress, label, len(prompts)),
+                on_progress=on_progress,
             )
             timing[f"probe_{prompt_set.name}_{capture}_s"] = round(time.perf_counter() - t0, 3)
 
@@ -260,7 +225,13 @@ def _scan(
             for ps in prompt_sets
         ],
         "detectors": [
-            {"name": d.name, "role": d.role, "primary_prompt_set": d.primary_prompt_set}
+            {
+                "name": d.name,
+                "role": d.role,
+                "group": d.group,
+                "primary_prompt_set": d.primary_prompt_set,
+                "params": dict(d.defaults),  # a scan runs every detector with its defaults
+            }
             for d in detectors
         ],
         "config": asdict(config),
@@ -305,7 +276,7 @@ def _run_detectors(
     stats: dict[str, dict[str, Any]],
     *,
     config: ScanConfig,
-    on_progress: ProgressCallback | None,
+    on_progress: Progress | None,
     timing: dict[str, float],
 ) -> tuple[list[HeadTable | LayerTable], list[dict[str, str]]]:
     """Every detector's tables; those that do not apply are skipped with a reason.
@@ -320,14 +291,13 @@ def _run_detectors(
         try:
             if detector.capture == "model":
                 t0 = time.perf_counter()
-                if on_progress is not None:  # experiments run a few long forwards: a step bar
-                    on_progress(detector.name, 0, 1)
+                step = counter(on_progress, detector.name, 1)  # one step; its probes report too
                 found = detector.run_experiment(
-                    handle, stats_by_set=streaming, batch_size=config.batch_size
-                )
+                    handle, stats_by_set=streaming, batch_size=config.batch_size,
+                    on_progress=on_progress,
+                )  # fmt: skip
                 tables += found if isinstance(found, list) else [found]
-                if on_progress is not None:
-                    on_progress(detector.name, 1, 1)
+                step()
                 timing[f"experiment_{detector.name}_s"] = round(time.perf_counter() - t0, 3)
             elif detector.capture == "tables":
                 tables.append(detector.run_tables(tables, streaming))
@@ -341,15 +311,3 @@ def _run_detectors(
         except NotApplicable as reason:
             skipped.append({"detector": detector.name, "reason": str(reason)})
     return tables, skipped
-
-
-class _CallableModule(types.ModuleType):
-    """``headscope.scan`` is both this module and the function: importing the
-    submodule (as the CLI does) binds the module to the package's ``scan``
-    attribute, so the module forwards calls to the function."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> ScanResult:
-        return scan(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import html
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from headscope.errors import HeadscopeError
 
 HEAD_COLUMNS = ("layer", "head", "score", "flagged", "evidence")
 LAYER_COLUMNS = ("layer", "score", "flagged", "evidence")
@@ -24,7 +27,7 @@ LAYER_COLUMNS = ("layer", "score", "flagged", "evidence")
 def _check_frame(frame: pd.DataFrame, columns: tuple[str, ...], kind: str) -> pd.DataFrame:
     missing = [c for c in columns if c not in frame.columns]
     if missing:
-        raise ValueError(f"{kind} frame lacks columns {missing}; it needs {list(columns)}")
+        raise HeadscopeError(f"{kind} frame lacks columns {missing}; it needs {list(columns)}")
     frame = frame.loc[:, list(columns)].copy()
     frame["layer"] = frame["layer"].astype("int64")
     if "head" in columns:
@@ -55,9 +58,16 @@ def _short(value: Any) -> str:
 
 @dataclass(frozen=True, kw_only=True)
 class _Table:
-    detector: str
+    """What every table holds besides its rows.
+
+    ``detector`` and ``group`` are stamped by the registry when a detector
+    runs (``headscope.analyses.registry``); a detector function leaves them empty.
+    """
+
     prompt_set: str
     frame: pd.DataFrame
+    detector: str = ""
+    group: str = ""
     params: Mapping[str, Any] = field(default_factory=dict)
     summary: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
@@ -66,6 +76,7 @@ class _Table:
         """Everything but the rows, as plain JSON-able values (for run manifests)."""
         return {
             "detector": self.detector,
+            "group": self.group,
             "prompt_set": self.prompt_set,
             "params": _jsonable(dict(self.params)),
             "summary": _jsonable(dict(self.summary)),
@@ -154,3 +165,86 @@ def evidence_to_json(evidence: Any) -> str:
 
 def evidence_from_json(text: str) -> dict[str, Any]:
     return json.loads(text) if text else {}
+
+
+Table = HeadTable | LayerTable
+
+
+def primary_prompt_sets(manifest: Mapping[str, Any]) -> dict[str, str]:
+    """{detector: the prompt set it is defined on}, as a scan's manifest records it."""
+    detectors = manifest.get("detectors", [])
+    return {
+        d["name"]: d["primary_prompt_set"]
+        for d in (detectors if isinstance(detectors, list) else [])
+        if isinstance(d, dict)
+        and isinstance(d.get("name"), str)
+        and isinstance(d.get("primary_prompt_set"), str)
+    }
+
+
+def tables_of(
+    tables: list[Table], detector: str, prompt_set: str | None, primary: Mapping[str, str]
+) -> list[Table]:
+    """``detector``'s tables (on ``prompt_set`` when given), the one on its primary
+    prompt set first, then in the order they were made. The one rule for which
+    table stands for a detector: lookups, reports and the dashboard use it."""
+    own = [t for t in tables if t.detector == detector]
+    if prompt_set is not None:
+        return [t for t in own if t.prompt_set == prompt_set]
+    lead = primary.get(detector)
+    return sorted(own, key=lambda t: t.prompt_set != lead)
+
+
+class TableLookup(ABC):
+    """``table``/``head_table``/``layer_table``/``in_group`` for a scan's result and a run.
+
+    Subclasses give ``manifest`` and ``_tables()`` (every table, in the order
+    written) and ``_where()`` (how error messages name them).
+    """
+
+    manifest: Mapping[str, Any]
+
+    @abstractmethod
+    def _tables(self) -> list[Table]: ...
+
+    @abstractmethod
+    def _where(self) -> str: ...
+
+    def table(self, detector: str, prompt_set: str | None = None, *, kind: type = _Table) -> Table:
+        """The table of ``detector`` (or of a table name such as "block_influence").
+
+        On ``prompt_set`` when given; without one: the only table, else the one
+        on the detector's primary prompt set; several others are an error that
+        lists them.
+        """
+        every = [t for t in self._tables() if isinstance(t, kind)]
+        primary = primary_prompt_sets(self.manifest)
+        found = tables_of(every, detector, prompt_set, primary)
+        if found and (prompt_set is not None or len(found) == 1 or
+                      found[0].prompt_set == primary.get(detector)):  # fmt: skip
+            return found[0]
+        what = {HeadTable: "head table", LayerTable: "layer table"}.get(kind, "table")
+        wanted = detector if prompt_set is None else f"{detector}/{prompt_set}"
+        skipped = self.manifest.get("skipped", [])
+        reason = next(
+            (s.get("reason") for s in (skipped if isinstance(skipped, list) else [])
+             if isinstance(s, dict) and s.get("detector") == detector),
+            None,
+        )  # fmt: skip
+        if not found and reason is not None:
+            raise HeadscopeError(f"detector '{detector}' was skipped: {reason}")
+        stored = ", ".join(f"{t.detector}/{t.prompt_set}" for t in every) or "none"
+        problem = f"no {what}" if not found else f"several {what}s; name a prompt set"
+        raise HeadscopeError(f"{problem} for {wanted} in {self._where()}; stored: {stored}")
+
+    def head_table(self, detector: str, prompt_set: str | None = None) -> HeadTable:
+        """``table`` among the head tables."""
+        return self.table(detector, prompt_set, kind=HeadTable)
+
+    def layer_table(self, detector: str, prompt_set: str | None = None) -> LayerTable:
+        """``table`` among the layer tables."""
+        return self.table(detector, prompt_set, kind=LayerTable)
+
+    def in_group(self, group: str) -> list[Table]:
+        """Every table of a detector group ("sinks", "roles", ...), in the order written."""
+        return [t for t in self._tables() if t.group == group]
