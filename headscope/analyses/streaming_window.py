@@ -2,13 +2,15 @@
 
 Xiao et al. show that window attention (each query sees only the last W keys)
 collapses once the text is longer than the window: the first token, where
-heads park their attention, falls out of view. Keeping the first 4 tokens plus
-the last W − 4 keys recovers the full-attention perplexity.
+heads park their attention, falls out of view. Keeping the first 4 tokens in
+view recovers the full-attention perplexity.
 
 This experiment runs the model three times on a long prose text through the
 headscope attention: full attention, a W-key window keeping no initial token,
-and a window keeping ``n_sink_tokens`` initial tokens plus the last
-W − ``n_sink_tokens`` keys (the same number of visible keys). Perplexities are
+and the same W-key window plus the first ``n_sink_tokens`` tokens (so each
+late query sees W + ``n_sink_tokens`` keys; the paper keeps the total at W, a
+difference of 4 keys in 256 that this experiment does not yet follow).
+Perplexities are
 reported over all targets and over the targets past the window (where the
 three differ). The per-head table is the paper's per-head sink statistic: the
 mean attention that queries past the window give to the first token, under

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import pytest
 
+from headscope.analyses import all_detectors
 from headscope.report import sink_summary
 from headscope.runs import open_run
 from headscope.scanning import scan
 
 pytestmark = pytest.mark.model
 
-SINK_DETECTORS = (
-    "first_token_sink", "hidden_sink", "massive_activations", "value_drain", "residual_peak",
-    "active_dormant", "massive_intervention", "streaming_window",
-)  # fmt: skip
+#: the suite is the registry's "sinks" group: a sink detector added later joins it
+SINK_DETECTORS = [d.name for d in all_detectors() if d.group == "sinks"]
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +86,9 @@ def test_the_run_reports_the_suite(suite):
     assert len(quantities) == len(sink_summary([*suite.head_tables, *suite.layer_tables]))
     assert any("window" in q for q in quantities) and any("mean / zero" in q for q in quantities)
     assert suite.manifest["skipped"] == []
+    assert [t.detector for t in reopened.in_group("sinks")] == [
+        t.detector for t in [*suite.head_tables, *suite.layer_tables]
+    ]
     dormant = suite.table("active_dormant")
     assert dormant.prompt_set == "prose+code+random-repeat+repeated-token"
     assert len(dormant.frame) == 30 * 9
