@@ -102,11 +102,18 @@ def test_every_detector_runs_names_its_tables_and_keeps_its_defaults(detector, t
 
 
 def test_every_detector_declares_its_parameters_in_its_signature():
+    import inspect
+
+    passed_by_the_scan = {"stats_by_set", "batch_size", "on_progress"}
     for detector in all_detectors():
-        assert detector.defaults == {
-            name: value
-            for name, value in detector.defaults.items()
-            if name not in ("stats_by_set", "batch_size", "on_progress")
+        keywords = {
+            p.name: p.default
+            for p in inspect.signature(detector.function).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+        }
+        assert not passed_by_the_scan & set(detector.defaults)
+        assert dict(detector.defaults) == {
+            k: v for k, v in keywords.items() if k not in passed_by_the_scan
         }
         with pytest.raises(Exception, match="no parameter"):
             detector._params({"surely_not_a_parameter": 1})
