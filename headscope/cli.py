@@ -51,7 +51,7 @@ def scan(
     ] = "smollm2-135m",
     prompts: Annotated[
         str, typer.Option(help="comma-separated built-in prompt sets or .txt/.jsonl files")
-    ] = "prose,code,random-repeat,repeated-token",
+    ] = "prose,code,random-tokens,random-repeat,repeated-token",  # scanning.DEFAULT_PROMPT_SETS
     detectors: Annotated[
         str,
         typer.Option(help="comma-separated detectors, 'default' (all but opt-in ones) or 'all'"),
@@ -62,13 +62,29 @@ def scan(
     seq_len: Annotated[int | None, typer.Option(help="tokens per prompt, BOS included")] = None,
     batch_size: Annotated[int, typer.Option(help="prompts per forward pass")] = 16,
     device: Annotated[str, typer.Option(help="torch device")] = "cpu",
+    bos: Annotated[
+        str,
+        typer.Option(
+            help="always: prepend the model's BOS to every prompt; auto: only if the model's "
+            "tokenizer does; never: no BOS. The classic heads keep TransformerLens's BOS."
+        ),
+    ] = "always",
+    param: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="DETECTOR.NAME=VALUE: a detector parameter instead of its default "
+            "(repeatable; e.g. streaming_window.window=512)"
+        ),
+    ] = None,
     report: Annotated[bool, typer.Option(help="print the report when done")] = True,
 ) -> None:
     """Scan a model on prompt sets, run detectors and write a run folder."""
     from headscope.progress import ProgressBars
     from headscope.report import build_report
+    from headscope.scanning import parse_detector_params
     from headscope.scanning import scan as run_scan
 
+    detector_params = parse_detector_params(param or [])
     with ProgressBars(console=errors, prefix="scan ") as on_progress:
         result = run_scan(
             model,
@@ -78,6 +94,8 @@ def scan(
             seq_len=seq_len,
             batch_size=batch_size,
             device=device,
+            bos=bos,
+            detector_params=detector_params,
             out=out,
             force=force,
             on_progress=on_progress,
@@ -112,7 +130,13 @@ def report(
     ] = None,
 ) -> None:
     """Print the sink analyses, the top heads per role and the flagged layers of a run."""
-    from headscope.report import build_report, score_matrix, sink_summary, sink_summary_table
+    from headscope.report import (
+        build_report,
+        run_context,
+        score_matrix,
+        sink_summary,
+        sink_summary_table,
+    )
     from headscope.runs import open_run
     from headscope.tables import primary_prompt_sets
 
@@ -127,9 +151,12 @@ def report(
     if sinks:
         rows = sink_summary(tables, primary=primary_prompt_sets(opened.manifest))
         summary = sink_summary_table(rows, markdown=markdown)
+        context = run_context(opened.manifest, tables)
         if markdown:
             print(summary)
+            print("\n" + "  \n".join(context.plain.splitlines()))
         else:
+            console.print(context)
             console.print(summary)
         return
     if matrix is None:

@@ -26,7 +26,7 @@ from headscope.checks import (
 from headscope.data import PromptSet, get_prompt_set
 from headscope.errors import HeadscopeError, NotApplicable
 from headscope.outputs import OutputFolder
-from headscope.probes.handle import ModelHandle
+from headscope.probes.handle import DEFAULT_BOS_POLICY, ModelHandle, check_bos_policy
 from headscope.probes.loading import load_model
 from headscope.probes.model_catalog import DEFAULT_MODEL
 from headscope.probes.patterns import DEFAULT_SINK_KEYS, pattern_capture_bytes, probe_patterns
@@ -35,7 +35,9 @@ from headscope.progress import Progress, ProgressBars, counter
 from headscope.runs import RUN_FOLDER, write_run
 from headscope.tables import HeadTable, LayerTable, TableLookup
 
-DEFAULT_PROMPT_SETS = ("prose", "code", "random-repeat", "repeated-token")
+DEFAULT_PROMPT_SETS = ("prose", "code", "random-tokens", "random-repeat", "repeated-token")
+#: the classic heads are TransformerLens's own scores, on TransformerLens's own input
+PATTERNS_BOS_POLICY = "always"
 
 PROBES = {"streaming": probe_streaming, "patterns": probe_patterns}
 
@@ -64,8 +66,20 @@ class ScanConfig:
         default=DEFAULT_SINK_KEYS, metadata={"help": "first keys whose per-prompt α_k is kept"}
     )
     device: str = field(default="cpu", metadata={"help": "torch device"})
+    bos: str = field(
+        default=DEFAULT_BOS_POLICY,
+        metadata={
+            "help": "always: prepend the model's BOS; auto: as the model's tokenizer does; "
+            "never: no BOS (the classic heads keep TransformerLens's BOS either way)"
+        },
+    )
+    detector_params: dict[str, dict[str, Any]] = field(
+        default_factory=dict,
+        metadata={"help": "per detector, parameters that replace its defaults"},
+    )
 
     def __post_init__(self) -> None:
+        check_bos_policy(self.bos)
         check_batch_size(self.batch_size)
         check_count(self.n_prompts, "--n-prompts")
         check_count(self.seq_len, "--seq-len", minimum=2)
@@ -127,6 +141,7 @@ def scan(
         overrides["model"] = model.spec
     config = ScanConfig(**{**(asdict(config) if config else {}), **overrides})
     detectors = resolve_detectors(list(config.detectors) if config.detectors else None)
+    params = _detector_params(config, detectors)
     prompt_sets = _prompt_sets(config)
     bars = ProgressBars(prefix="scan ") if on_progress is True else None
     callback = bars if bars is not None else (on_progress or None)
@@ -135,7 +150,54 @@ def scan(
         bars if bars is not None else nullcontext(),
         OutputFolder(out, RUN_FOLDER, force=force) if out is not None else nullcontext() as folder,
     ):
-        return _scan(model, config, detectors, prompt_sets, callback, folder)
+        return _scan(model, config, detectors, params, prompt_sets, callback, folder)
+
+
+def _detector_params(config: ScanConfig, detectors: list[Detector]) -> dict[str, dict[str, Any]]:
+    """Each scanned detector's parameters: its defaults with ``detector_params`` applied.
+
+    Checked before the model loads: a parameter for a detector the scan does not
+    run, or one the detector does not take, is an error now.
+    """
+    names = {d.name for d in detectors}
+    stray = sorted(set(config.detector_params) - names)
+    if stray:
+        raise HeadscopeError(
+            f"parameters given for detector(s) {stray}, which this scan does not run; "
+            f"it runs {', '.join(sorted(names))}"
+        )
+    resolved = {}
+    for detector in detectors:
+        given = config.detector_params.get(detector.name, {})
+        if not isinstance(given, dict):
+            raise HeadscopeError(f"parameters of '{detector.name}' must be a mapping")
+        resolved[detector.name] = detector.resolve_params(given)
+    return resolved
+
+
+def parse_detector_params(assignments: list[str] | tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """``["massive_intervention.protocol=sun2024", ...]`` as ``{detector: {name: value}}``.
+
+    A value is read as JSON when it is valid JSON (numbers, true/false, null,
+    quoted strings, lists), else taken as a plain string.
+    """
+    import json
+
+    out: dict[str, dict[str, Any]] = {}
+    for assignment in assignments:
+        target, sep, text = assignment.partition("=")
+        detector, dot, name = target.strip().partition(".")
+        if not sep or not dot or not detector or not name.strip():
+            raise HeadscopeError(
+                f"--param {assignment!r}: write DETECTOR.NAME=VALUE, e.g. "
+                "streaming_window.window=512"
+            )
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        out.setdefault(detector, {})[name.strip()] = value
+    return out
 
 
 def _prompt_sets(config: ScanConfig) -> list[PromptSet]:
@@ -158,6 +220,16 @@ def _prompt_sets(config: ScanConfig) -> list[PromptSet]:
     return prompt_sets
 
 
+def _patterns_tokens(patterns, streaming) -> dict[str, Any]:
+    """The classic heads' own tokens of a set, when they differ (another BOS choice)."""
+    if patterns is None or patterns is streaming:
+        return {}
+    return {
+        "patterns_token_hash": patterns.token_hash,
+        "patterns_bos_prepended": patterns.bos_prepended,
+    }
+
+
 def _check_lengths(handle: ModelHandle, tokenized: dict, captures: set[str]) -> None:
     """Before any forward pass: prompts fit the model's positions, patterns fit memory."""
     for name, prompts in tokenized.items():
@@ -175,6 +247,7 @@ def _scan(
     model: str | ModelHandle | None,
     config: ScanConfig,
     detectors: list[Detector],
+    params: dict[str, dict[str, Any]],
     prompt_sets: list[PromptSet],
     on_progress: Progress | None,
     folder: OutputFolder | None,
@@ -182,23 +255,28 @@ def _scan(
     started = time.perf_counter()
     handle = (
         model if isinstance(model, ModelHandle) else load_model(config.model, device=config.device)
-    )
+    ).with_bos(config.bos)
     timing: dict[str, float] = {"model_load_s": round(handle.load_seconds, 3)}
     tokenized = {ps.name: handle.tokenize(ps) for ps in prompt_sets}
     captures = {d.capture for d in detectors}
     if "tables" in captures:  # head families cluster on the streaming statistics too
         captures.add("streaming")
-    _check_lengths(handle, tokenized, captures)
+    patterns_handle = handle.with_bos(PATTERNS_BOS_POLICY)
+    tokenized_for = {"streaming": tokenized, "patterns": tokenized}
+    if "patterns" in captures and patterns_handle.bos_id != handle.bos_id:
+        tokenized_for["patterns"] = {ps.name: patterns_handle.tokenize(ps) for ps in prompt_sets}
+    _check_lengths(handle, tokenized, captures - {"patterns"})
+    if "patterns" in captures:
+        _check_lengths(handle, tokenized_for["patterns"], {"patterns"})
     stats: dict[str, dict[str, Any]] = {name: {} for name in tokenized}
     for prompt_set in prompt_sets:
-        prompts = tokenized[prompt_set.name]
         for capture in ("streaming", "patterns"):
             if capture not in captures:
                 continue
             t0 = time.perf_counter()
             stats[prompt_set.name][capture] = PROBES[capture](
                 handle,
-                prompts,
+                tokenized_for[capture][prompt_set.name],
                 batch_size=config.batch_size,
                 n_sink_keys=config.n_sink_keys,
                 on_progress=on_progress,
@@ -206,12 +284,18 @@ def _scan(
             timing[f"probe_{prompt_set.name}_{capture}_s"] = round(time.perf_counter() - t0, 3)
 
     tables, skipped = _run_detectors(
-        detectors, handle, stats, config=config, on_progress=on_progress, timing=timing
-    )
+        detectors, handle, stats, params=params, config=config, on_progress=on_progress,
+        timing=timing,
+    )  # fmt: skip
     timing["total_s"] = round(time.perf_counter() - started, 3)
     manifest = {
         "kind": "scan",
         "model": {**handle.describe(), "cache_hit": handle.cache_hit},
+        "bos": {
+            **handle.describe_bos(),
+            "classic_heads": f"{PATTERNS_BOS_POLICY} (TransformerLens's convention: its "
+            "scores are computed on prompts that start with the BOS)",
+        },
         "prompt_sets": [
             {
                 "name": ps.name,
@@ -221,6 +305,7 @@ def _scan(
                 "n_prompts": len(tokenized[ps.name]),
                 "lengths": sorted(set(tokenized[ps.name].lengths)),
                 "bos_prepended": tokenized[ps.name].bos_prepended,
+                **_patterns_tokens(tokenized_for["patterns"].get(ps.name), tokenized[ps.name]),
             }
             for ps in prompt_sets
         ],
@@ -230,7 +315,7 @@ def _scan(
                 "role": d.role,
                 "group": d.group,
                 "primary_prompt_set": d.primary_prompt_set,
-                "params": dict(d.defaults),  # a scan runs every detector with its defaults
+                "params": params[d.name],
             }
             for d in detectors
         ],
@@ -275,6 +360,7 @@ def _run_detectors(
     handle: ModelHandle,
     stats: dict[str, dict[str, Any]],
     *,
+    params: dict[str, dict[str, Any]],
     config: ScanConfig,
     on_progress: Progress | None,
     timing: dict[str, float],
@@ -288,26 +374,27 @@ def _run_detectors(
     streaming = {name: s["streaming"] for name, s in stats.items() if "streaming" in s}
     ordered = sorted(detectors, key=lambda d: d.capture == "tables")
     for detector in ordered:
+        given = params[detector.name]
         try:
             if detector.capture == "model":
                 t0 = time.perf_counter()
                 step = counter(on_progress, detector.name, 1)  # one step; its probes report too
                 found = detector.run_experiment(
                     handle, stats_by_set=streaming, batch_size=config.batch_size,
-                    on_progress=on_progress,
+                    on_progress=on_progress, **given,
                 )  # fmt: skip
                 tables += found if isinstance(found, list) else [found]
                 step()
                 timing[f"experiment_{detector.name}_s"] = round(time.perf_counter() - t0, 3)
             elif detector.capture == "tables":
-                tables.append(detector.run_tables(tables, streaming))
+                tables.append(detector.run_tables(tables, streaming, **given))
             elif detector.across_prompt_sets:
                 if len(stats) < 2:
                     raise NotApplicable("it compares prompt sets and the scan has only one")
                 by_set = {name: s[detector.capture] for name, s in stats.items()}
-                tables.append(detector.run(by_set))
+                tables.append(detector.run(by_set, **given))
             else:
-                tables += [detector.run(s[detector.capture]) for s in stats.values()]
+                tables += [detector.run(s[detector.capture], **given) for s in stats.values()]
         except NotApplicable as reason:
             skipped.append({"detector": detector.name, "reason": str(reason)})
     return tables, skipped

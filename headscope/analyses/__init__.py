@@ -29,6 +29,7 @@ from headscope.analyses.registry import (
 )
 from headscope.analyses.sink_norms import detect_residual_peak, detect_value_drain
 from headscope.analyses.sinks import detect_first_token_sink
+from headscope.analyses.streaming_long import run_streaming_window_long
 from headscope.analyses.streaming_window import run_streaming_window
 from headscope.analyses.successor import detect_successor_heads
 from headscope.tables import HeadTable, LayerTable
@@ -145,8 +146,22 @@ register_detector(
         group="sinks",
         function=run_streaming_window,
         primary_prompt_set="prose-long",
-        description="perplexity of window attention keeping 0 vs 4 first tokens (Xiao et al.)",
+        description="perplexity of a 256-key window of recent tokens vs 4 first + 252 recent "
+        "(Xiao et al.)",
         capture="model",
+    )
+)
+register_detector(
+    Detector(
+        name="streaming_window_long",
+        role="StreamingLLM cache past the trained context",
+        group="sinks",
+        function=run_streaming_window_long,
+        primary_prompt_set="prose-book",
+        description="perplexity per 1024 tokens of a text twice the trained context: full "
+        "attention vs a rolling cache with 0 or 4 sinks at cache positions (Xiao et al.)",
+        capture="model",
+        opt_in=True,
     )
 )
 register_detector(

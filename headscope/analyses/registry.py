@@ -134,6 +134,10 @@ class Detector:
         """The names of the tables this detector writes."""
         return self.tables or (self.name,)
 
+    def resolve_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The defaults with ``params`` applied; a name the detector does not take is an error."""
+        return self._params(params)
+
     def _params(self, params: Mapping[str, Any]) -> dict[str, Any]:
         unknown = set(params) - set(self.defaults)
         if unknown:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from headscope.data.ordinal import ORDINAL_TEXTS
-from headscope.data.prompt_sets import PromptSet
+from headscope.data.prompt_sets import RANDOM_KINDS, PromptSet
 from headscope.errors import HeadscopeError
 
 #: standard-library sources of the ``code`` set, in this order (all present in CPython 3.11+)
@@ -54,7 +54,11 @@ _DESCRIPTIONS: dict[str, str] = {
     "for perplexity",
     "prose-long": "long prose (2 texts x 2048 tokens from token 60000 of the help topics), "
     "for window attention",
+    "prose-book": "one long prose text (16384 tokens from token 70000 of the help topics, "
+    "twice SmolLM2's trained context), for StreamingLLM past the trained length",
     "code": f"Python source: {len(CODE_SOURCE_FILES)} standard-library modules",
+    "random-tokens": "i.i.d. uniform random ordinary tokens (64 x 64), the random-token "
+    "control for attention sinks",
     "random-repeat": "random ordinary tokens repeated twice (BOS + 32 + 32), for induction heads",
     "repeated-token": "one random ordinary token repeated, for duplicate-token heads and sinks",
     "ordinal": "short ordinal sequences (weekdays, months, numbers, letters), for successor heads",
@@ -111,6 +115,10 @@ def _prose_long() -> PromptSet:
     return _prose_stream("prose-long", n_prompts=2, seq_len=2048, start=60_000)
 
 
+def _prose_book() -> PromptSet:
+    return _prose_stream("prose-book", n_prompts=1, seq_len=16_384, start=70_000)
+
+
 def _code() -> PromptSet:
     return PromptSet(
         name="code",
@@ -119,6 +127,17 @@ def _code() -> PromptSet:
         texts=_stdlib_sources(),
         n_prompts=64,
         seq_len=64,
+    )
+
+
+def _random_tokens() -> PromptSet:
+    return PromptSet(
+        name="random-tokens",
+        description=_DESCRIPTIONS["random-tokens"],
+        kind="random_tokens",
+        n_prompts=64,
+        seq_len=64,
+        seed=0,
     )
 
 
@@ -158,7 +177,9 @@ _BUILTINS: dict[str, Callable[[], PromptSet]] = {
     "prose": _prose,
     "prose-heldout": _prose_heldout,
     "prose-long": _prose_long,
+    "prose-book": _prose_book,
     "code": _code,
+    "random-tokens": _random_tokens,
     "random-repeat": _random_repeat,
     "repeated-token": _repeated_token,
     "ordinal": _ordinal,
@@ -207,7 +228,7 @@ def get_prompt_set(
         overrides["seq_len"] = seq_len
     if n_prompts is not None and prompt_set.kind != "texts":
         overrides["n_prompts"] = n_prompts
-    if seed is not None and prompt_set.kind in ("random_repeat", "repeated_token"):
+    if seed is not None and prompt_set.kind in RANDOM_KINDS:
         overrides["seed"] = seed
     return dataclasses.replace(prompt_set, **overrides) if overrides else prompt_set
 

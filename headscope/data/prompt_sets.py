@@ -13,6 +13,8 @@ The four kinds exist because head roles are defined on different inputs:
   (sinks, previous-token and successor heads are measured on ordinary text; equal
   lengths mean every batch is a dense [batch, T] tensor with no padding to mask).
 * ``texts`` -- one prompt per text (ordinal sequences, user prompt files).
+* ``random_tokens`` -- i.i.d. uniform random ordinary tokens (Gu et al.'s
+  random-token control for attention sinks: no structure at all to attend to).
 * ``random_repeat`` -- a random sequence repeated twice: the only way to predict
   the second half is to copy from the first, which isolates induction heads from
   n-gram statistics.
@@ -43,7 +45,9 @@ from torch import Tensor
 
 from headscope.errors import HeadscopeError
 
-PromptSetKind = Literal["text_stream", "texts", "random_repeat", "repeated_token"]
+PromptSetKind = Literal["text_stream", "texts", "random_tokens", "random_repeat", "repeated_token"]
+#: the kinds made of seeded random tokens
+RANDOM_KINDS = ("random_tokens", "random_repeat", "repeated_token")
 PROMPT_SET_KINDS: tuple[str, ...] = get_args(PromptSetKind)
 
 #: the separator between documents of a text_stream before it is tokenized once
@@ -134,12 +138,14 @@ class PromptSet:
             if isinstance(bos_token_id, bool) or not isinstance(bos_token_id, int):
                 raise HeadscopeError(f"bos_token_id must be an int or None, got {bos_token_id!r}")
         bos = 0 if bos_token_id is None else 1
-        if self.kind in ("random_repeat", "repeated_token"):
+        if self.kind in RANDOM_KINDS:
             self._check_generated_size()
         if self.kind == "text_stream":
             bodies = self._text_stream_bodies(tokenizer, bos)
         elif self.kind == "texts":
             bodies = self._texts_bodies(tokenizer, bos)
+        elif self.kind == "random_tokens":
+            bodies = self._random_tokens_bodies(tokenizer, bos, bos_token_id)
         elif self.kind == "random_repeat":
             bodies = self._random_repeat_bodies(tokenizer, bos, bos_token_id)
         else:
@@ -196,6 +202,17 @@ class PromptSet:
         if not bodies:
             raise self._empty_error("every text tokenizes to nothing; give non-blank prompts")
         return bodies
+
+    def _random_tokens_bodies(
+        self, tokenizer: Any, bos: int, bos_token_id: int | None
+    ) -> list[list[int]]:
+        if self.n_prompts == 0:
+            raise self._empty_error("n_prompts is 0; give a positive --n-prompts")
+        length = self._body_length(bos, minimum=1)
+        ordinary = ordinary_token_ids(tokenizer, also_exclude=bos_token_id)
+        generator = torch.Generator().manual_seed(self.seed)
+        picks = torch.randint(len(ordinary), (self.n_prompts, length), generator=generator)
+        return ordinary[picks].tolist()
 
     def _random_repeat_bodies(
         self, tokenizer: Any, bos: int, bos_token_id: int | None

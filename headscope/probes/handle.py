@@ -7,16 +7,30 @@ summary and (built lazily, on first use) a TransformerLens ``TransformerBridge``
 over the very same weights, so both capture paths see one model. It also knows
 what the model wants around its tokens: the BOS to prepend and the id that pads
 a batch.
+
+Whether prompts start with a BOS token is a choice (``BOS_POLICIES``), because
+sink results depend on it: ``always`` prepends the model's BOS to every prompt
+(headscope's default, and TransformerLens's convention, so every prompt starts
+with the same token); ``auto`` does what the model's own tokenizer does when
+called with its default special tokens (SmolLM2's GGUF tokenizer adds none;
+Gemma's adds ``<bos>``), which is what the model saw in pretraining; ``never``
+prepends nothing (Gu et al.'s repeated-token input has no distinct first
+token). ``ModelHandle.with_bos`` gives a handle that shares the model and
+follows another policy.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 
-from headscope.errors import ModelLoadError
+from headscope.errors import HeadscopeError, ModelLoadError
+
+#: how a handle decides whether prompts start with the model's BOS (see the module docstring)
+BOS_POLICIES = ("always", "auto", "never")
+DEFAULT_BOS_POLICY = "always"
 
 #: model types that are bidirectional encoders (no causal mask; BOS is the CLS token)
 ENCODER_MODEL_TYPES = {"bert", "roberta", "distilbert", "electra", "xlm-roberta"}
@@ -91,7 +105,19 @@ class ModelHandle:
     source: str
     load_seconds: float
     cache_hit: bool | None = None
+    bos_policy: str = DEFAULT_BOS_POLICY
     _bridge: Any = field(default=None, repr=False)
+    _adds_bos: bool | None = field(default=None, repr=False)  # the tokenizer's own habit
+
+    def __post_init__(self) -> None:
+        check_bos_policy(self.bos_policy)
+
+    def with_bos(self, policy: str) -> ModelHandle:
+        """This model (same module, tokenizer and bridge) with BOS policy ``policy``."""
+        check_bos_policy(policy)
+        if policy == self.bos_policy:
+            return self
+        return replace(self, bos_policy=policy)
 
     @property
     def device(self) -> torch.device:
@@ -103,8 +129,30 @@ class ModelHandle:
 
     @property
     def bos_id(self) -> int | None:
-        """The token id every prompt starts with, or None when the model wants no BOS."""
-        return self.arch.bos_token_id if self.arch.prepend_bos else None
+        """The token id every prompt starts with under ``bos_policy``, or None for no BOS."""
+        if not self.arch.prepend_bos or self.bos_policy == "never":
+            return None
+        if self.bos_policy == "auto" and not self.tokenizer_adds_bos:
+            return None
+        return self.arch.bos_token_id
+
+    @property
+    def tokenizer_adds_bos(self) -> bool:
+        """Whether the model's tokenizer prepends the BOS by itself (``auto`` follows it)."""
+        if self._adds_bos is None:
+            self._adds_bos = tokenizer_adds_bos(self.tokenizer, self.arch.bos_token_id)
+        return self._adds_bos
+
+    def describe_bos(self) -> dict[str, Any]:
+        """The BOS choice as recorded in a run manifest."""
+        bos = self.bos_id
+        return {
+            "policy": self.bos_policy,
+            "prepended": bos is not None,
+            "token_id": bos,
+            "token": None if bos is None else self.tokenizer.decode([bos]),
+            "tokenizer_adds_bos": self.tokenizer_adds_bos,
+        }
 
     @property
     def pad_id(self) -> int:
@@ -169,6 +217,24 @@ class ModelHandle:
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
         }
+
+
+def check_bos_policy(policy: Any) -> str:
+    if policy not in BOS_POLICIES:
+        raise HeadscopeError(f"unknown BOS policy {policy!r}; use one of {', '.join(BOS_POLICIES)}")
+    return policy
+
+
+def tokenizer_adds_bos(tokenizer: Any, bos_token_id: int | None) -> bool:
+    """Whether ``tokenizer(text)`` (its default special tokens) starts with ``bos_token_id``.
+
+    Asked of the tokenizer itself rather than read from ``add_bos_token``,
+    which not every tokenizer class has (BERT's adds its CLS by a template).
+    """
+    if bos_token_id is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True, verbose=False).input_ids
+    return bool(ids) and ids[0] == bos_token_id
 
 
 def _weight_sharing_twin(model: Any) -> Any:

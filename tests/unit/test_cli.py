@@ -38,6 +38,7 @@ def test_scan_report_and_runs(tmp_path):
     assert [p["name"] for p in manifest["prompt_sets"]] == [
         "prose",
         "code",
+        "random-tokens",
         "random-repeat",
         "repeated-token",
     ]

@@ -21,7 +21,8 @@ from headscope.errors import HeadscopeError
 from headscope.probes.tiny_tokenizer import tiny_tokenizer
 
 BUILTIN_NAMES = (
-    "prose", "prose-heldout", "prose-long", "code", "random-repeat", "repeated-token", "ordinal",
+    "prose", "prose-heldout", "prose-long", "prose-book", "code", "random-tokens",
+    "random-repeat", "repeated-token", "ordinal",
 )  # fmt: skip
 
 
@@ -68,11 +69,13 @@ def test_builtin_defaults():
     expected = {
         "prose": ("text_stream", 128, 64, 0),
         "code": ("text_stream", 64, 64, 0),
+        "random-tokens": ("random_tokens", 64, 64, 0),
         "random-repeat": ("random_repeat", 64, 65, 0),
         "repeated-token": ("repeated_token", 32, 64, 0),
         "ordinal": ("texts", 0, 0, 0),
         "prose-heldout": ("text_stream", 32, 256, 0),
         "prose-long": ("text_stream", 2, 2048, 0),
+        "prose-book": ("text_stream", 1, 16384, 0),
     }
     for name, (kind, n_prompts, seq_len, seed) in expected.items():
         ps = get_prompt_set(name)
@@ -95,7 +98,7 @@ def test_builtin_counts_lengths_and_bos(tokenized_builtins, bos, name, with_bos)
         assert min(prompts.lengths) >= 2 + extra
     else:
         assert len(prompts) == ps.n_prompts
-    if ps.kind in ("text_stream", "repeated_token"):
+    if ps.kind in ("text_stream", "repeated_token", "random_tokens"):
         assert set(prompts.lengths) == {ps.seq_len}
     if ps.kind == "random_repeat":
         assert set(prompts.lengths) == {extra + 2 * ((ps.seq_len - extra) // 2)}
@@ -214,7 +217,31 @@ def test_repeated_token_is_one_ordinary_token(tok, tokenized_builtins, bos):
     assert len(set(chosen)) > 1
 
 
-@pytest.mark.parametrize("name", ["random-repeat", "repeated-token"])
+@pytest.mark.parametrize("with_bos", [True, False], ids=["bos", "no-bos"])
+def test_random_tokens_are_uniform_ordinary_tokens_without_structure(
+    tok, tokenized_builtins, with_bos
+):
+    prompts = tokenized_builtins[("random-tokens", with_bos)]
+    special = set(tok.all_special_ids)
+    bodies = torch.stack([t[1:] if with_bos else t for t in prompts.tokens])
+    assert bodies.shape == (64, 64 - int(with_bos))
+    assert not special & set(bodies.flatten().tolist())
+    half = bodies.shape[1] // 2
+    # not the random-repeat design: no prompt repeats its first half
+    assert not any(torch.equal(b[:half], b[half : 2 * half]) for b in bodies)
+    # i.i.d. uniform: about as many distinct tokens as draws from a large vocabulary
+    drawn = bodies.flatten()
+    assert len(set(drawn.tolist())) > 0.5 * min(len(drawn), len(tok) - len(special))
+
+
+def test_prose_book_is_one_text_past_the_other_prose_sets():
+    book = get_prompt_set("prose-book")
+    assert (book.n_prompts, book.seq_len) == (1, 16384)
+    long = get_prompt_set("prose-long")
+    assert book.start >= long.start + long.n_prompts * long.seq_len
+
+
+@pytest.mark.parametrize("name", ["random-tokens", "random-repeat", "repeated-token"])
 def test_random_kinds_are_deterministic_per_seed(tok, bos, name):
     first = get_prompt_set(name).tokenize(tok, bos_token_id=bos)
     again = get_prompt_set(name).tokenize(tok, bos_token_id=bos)
@@ -484,7 +511,9 @@ def test_too_few_windows_says_how_many_are_available(tok, bos):
     )
 
 
-@pytest.mark.parametrize("name", ["prose", "code", "random-repeat", "repeated-token"])
+@pytest.mark.parametrize(
+    "name", ["prose", "code", "random-tokens", "random-repeat", "repeated-token"]
+)
 def test_zero_prompts_is_empty(tok, bos, name):
     with pytest.raises(HeadscopeError, match=f"prompt set '{name}' is empty: n_prompts is 0"):
         get_prompt_set(name, n_prompts=0).tokenize(tok, bos_token_id=bos)

@@ -25,6 +25,7 @@ from headscope.tables import HeadTable, LayerTable
 SMALL = {
     "massive_intervention": {},
     "streaming_window": {"window": 8, "seq_len": 32},
+    "streaming_window_long": {"cache_size": 8, "seq_len": 40, "bucket": 16},
     "head_importance": {"n_prompts": 2, "reference_prompts": 2},
     "successor": {"reference_prompts": 2, "n_random": 2, "prompts_per_task": 4},
     "layer_redundancy": {"n_prompts": 4},
