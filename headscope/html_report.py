@@ -31,7 +31,7 @@ from typing import Any
 
 from headscope.errors import HeadscopeError
 from headscope.plots import figures_for, role_census
-from headscope.report import UNREADABLE, sink_summary, unreadable
+from headscope.report import UNREADABLE, run_context, sink_summary, unreadable
 from headscope.tables import HeadTable, LayerTable, primary_prompt_sets, tables_of
 
 STYLE = """
@@ -129,6 +129,10 @@ def build_html_report(manifest: dict[str, Any], tables: Sequence[HeadTable | Lay
         f"headscope {_e(versions.get('headscope', '?'))}</p>",
         "<h2>Prompt sets</h2>",
         _rows_table(_prompt_set_rows(manifest), ("set", "contents")),
+        "".join(
+            f"<p class='meta'>{_e(line)}</p>"
+            for line in run_context(manifest, tables).plain.splitlines()
+        ),
     ]
     sinks = sink_summary(tables, primary=primary_prompt_sets(manifest))
     if sinks:

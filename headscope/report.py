@@ -117,10 +117,16 @@ def _rate_row(t: HeadTable) -> tuple[str, str]:
 
 def _hidden_row(t: HeadTable) -> tuple[str, str]:
     s = t.summary
+    protocol = t.params.get("protocol", "headscope")
+    # every protocol's counts, the table's own first (ACT's rule is the published one)
+    counts = s.get("by_protocol") or {protocol: s}
+    value = "; ".join(
+        f"{c['n_heads_flagged']} / {c['n_heads_with_any_hidden_sink']} ({name})"
+        for name, c in sorted(counts.items(), key=lambda item: item[0] != protocol)
+    )
     return (f"heads with hidden sinks on {t.prompt_set} (on >= "
-            f"{t.params['min_fraction']:.0%} of prompts / on any)",
-            f"{s['n_heads_flagged']} / {s['n_heads_with_any_hidden_sink']} "
-            f"of {len(t.frame)}")  # fmt: skip
+            f"{t.params['min_fraction']:.0%} of prompts / on any) of {len(t.frame)}",
+            value)  # fmt: skip
 
 
 def _massive_row(t: LayerTable) -> tuple[str, str]:
@@ -137,23 +143,44 @@ def _position_row(t: LayerTable, label: str) -> tuple[str, str]:
 
 
 def _dormant_row(t: HeadTable) -> tuple[str, str]:
-    return (f"active-dormant heads over {t.prompt_set}", str(t.summary["n_active_dormant"]))
+    protocol = t.params.get("protocol", "headscope")
+    own = {protocol: t.summary["n_active_dormant"]}
+    counts = t.summary.get("n_active_dormant_by_protocol") or own
+    value = "; ".join(
+        f"{'n/a' if n is None else n} ({name})"
+        for name, n in sorted(counts.items(), key=lambda item: item[0] != protocol)
+    )
+    return (f"active-dormant heads over {t.prompt_set}", value)
 
 
 def _intervention_row(t: LayerTable) -> tuple[str, str]:
     s = t.summary
-    return (f"{t.prompt_set} perplexity, massive entries (layer {s['layer']}, dims "
-            f"{_format(s['dims'])}): untouched / mean / zero",
+    # tables written before the protocol parameter used the pooled protocol
+    protocol = t.params.get("protocol", "pooled")
+    where = s.get("positions", "every entry of the dims that passes the criterion")
+    return (f"{t.prompt_set} perplexity, massive entries (protocol {protocol}: layer "
+            f"{s['layer']}, dims {_format(s['dims'])}, {where}): untouched / mean / zero",
             f"{s['ppl_original']:.2f} / {s['ppl_mean']:.2f} / {s['ppl_zero']:.4g}")  # fmt: skip
 
 
 def _window_row(t: HeadTable) -> tuple[str, str]:
     s, p = t.summary, t.params
     k = p["n_sink_tokens"]
-    return (f"{t.prompt_set} perplexity past the window (T {p['seq_len']}, W {p['window']}): "
-            f"full / window 0 sinks / window {k} sinks",
+    kept = f"{k} first + {p['window'] - k} recent" if "budget" in p else f"window + {k} first"
+    return (f"{t.prompt_set} perplexity past the window (T {p['seq_len']}, W {p['window']} keys): "
+            f"full / {p['window']} recent / {kept}",
             f"{s['ppl_full_past_window']:.2f} / {s['ppl_window_0_sinks_past_window']:.4g} / "
             f"{s[f'ppl_window_{k}_sinks_past_window']:.2f}")  # fmt: skip
+
+
+def _long_window_row(t: HeadTable) -> tuple[str, str]:
+    s, p = t.summary, t.params
+    k, cache = p["n_sink_tokens"], p["cache_size"]
+    return (f"{t.prompt_set} perplexity past the trained context (T {p['seq_len']}, trained "
+            f"{p['trained_context']}): full / {cache} recent / {k} first + {cache - k} recent",
+            f"{s['ppl_full_past_trained_context']:.4g} / "
+            f"{s['ppl_window_past_trained_context']:.4g} / "
+            f"{s['ppl_sinks_past_trained_context']:.4g}")  # fmt: skip
 
 
 def _flagged_row(t: HeadTable | LayerTable) -> tuple[str, str]:
@@ -176,6 +203,7 @@ SINK_ROWS: dict[str, tuple[Callable[[Any], tuple[str, str]], str]] = {
     "active_dormant": (_dormant_row, "lead"),
     "massive_intervention": (_intervention_row, "lead"),
     "streaming_window": (_window_row, "lead"),
+    "streaming_window_long": (_long_window_row, "lead"),
 }
 
 
@@ -241,19 +269,28 @@ def _flagged_layers(table: LayerTable, *, all_rows_up_to: int = 12) -> Table:
 
 def _families(table: HeadTable) -> Table:
     summary = table.summary
-    out = _new_table(
+    title = (
         f"head families on {table.prompt_set}: {summary.get('n_families')} families, "
-        f"mean silhouette {summary.get('silhouette', float('nan')):.3f}",
-        ("family", "size", "defined by", "members"),
+        f"mean silhouette {summary.get('silhouette', float('nan')):.3f}"
     )
+    if "verdict" in summary:  # runs from before issue 15 have no stability
+        title += f"; {summary['verdict']}"
+    out = _new_table(title, ("family", "size", "defined by", "Jaccard prompt / head", "members"))
     for family in summary.get("families", []):
         members = family.get("members", [])
         more = family["size"] - len(members)
+        jaccard = family.get("jaccard", {})
+        stability = " / ".join(
+            f"{jaccard[s]:.2f}" if s in jaccard else "-" for s in ("prompt", "head")
+        )
+        if jaccard:
+            stability += " (survives)" if family.get("survives") else ""
         _add_row(
             out,
             family["family"],
             family["size"],
             family.get("name", ""),
+            stability if jaccard else "",
             ", ".join(map(str, members)) + (f" (+{more})" if more > 0 else ""),
         )
     return out
@@ -351,6 +388,44 @@ def _header(manifest: dict[str, Any]) -> Text:
     )
 
 
+def _bos_line(manifest: dict[str, Any]) -> str:
+    bos = manifest.get("bos")
+    if not isinstance(bos, dict):
+        sets = _objects(manifest, "prompt_sets")
+        prepended = {p.get("bos_prepended") for p in sets}
+        said = {True: "prompts start with the BOS", False: "prompts have no BOS"}
+        told = said.get(next(iter(prepended))) if len(prepended) == 1 else None
+        return "BOS: not recorded (a run from before the choice existed" + (
+            f"; {told})" if told else ")"
+        )
+    token = bos.get("token")
+    what = f"{token!r} prepended" if bos.get("prepended") else "none prepended"
+    line = f"BOS: {bos.get('policy', '?')} ({what})"
+    if bos.get("classic_heads"):
+        line += f"; classic heads: {bos['classic_heads']}"
+    return line
+
+
+def protocol_lines(tables: Sequence[HeadTable | LayerTable]) -> list[str]:
+    """One line per detector whose tables say which published protocol they follow."""
+    lines = {}
+    for table in tables:
+        protocol = table.params.get("protocol") if isinstance(table.params, Mapping) else None
+        if protocol is None or table.detector in lines:
+            continue
+        note = table.params.get("protocol_note")
+        lines[table.detector] = f"{table.detector}: protocol {protocol}" + (
+            f" ({note})" if note else ""
+        )
+    return list(lines.values())
+
+
+def run_context(manifest: dict[str, Any], tables: Sequence[HeadTable | LayerTable]) -> Text:
+    """The lines that say how a run's figures were made: the BOS choice and each
+    detector's protocol (printed above every report of a run)."""
+    return Text("\n".join(plain(line) for line in [_bos_line(manifest), *protocol_lines(tables)]))
+
+
 def build_report(
     manifest: dict[str, Any], tables: Sequence[HeadTable | LayerTable], *, top: int = 5
 ) -> Group:
@@ -359,7 +434,7 @@ def build_report(
     Every string from the run is printed as text; a table whose summary is not
     what its detector writes gets one line instead of its section.
     """
-    parts: list[Any] = [_header(manifest)]
+    parts: list[Any] = [_header(manifest), run_context(manifest, tables)]
     if any(t.detector == "first_token_sink" for t in tables):
         parts.append(_sink_rates(tables))
     primary = primary_prompt_sets(manifest)

@@ -171,7 +171,7 @@ register_detector(
         group="importance",
         function=detect_head_importance,
         primary_prompt_set="prose",
-        description="Michel et al. gradient importance vs mean-ablation loss increase",
+        description="Michel et al. gradient importance vs single-head ablation (zero or mean)",
         capture="model",
         opt_in=True,
     )

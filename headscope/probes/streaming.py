@@ -10,9 +10,10 @@ kept; the largest transient is one query block of scores.
 
 Accumulated in float64 over a prompt set, per layer x head: the mean of every
 pass-1 statistic and its profile per query position, the norm of each head's
-output, the attention each key position receives, the per-prompt sink scores
-α_k of the first keys, and the residual-stream and value-vector norms per
-position (for the sink analyses). Two sparse records serve the sink analyses
+output (before W_O, and after its slice of W_O where the model's output
+projection is found), the attention each key position receives, the
+per-prompt sink scores α_k of the first keys, and the residual-stream and
+value-vector norms per position (for the sink analyses). Two sparse records serve the sink analyses
 that need token identity: hidden-sink candidates (per prompt, layer and head,
 the later keys whose α_j passes a floor) and the largest residual-stream
 entries of every prompt and layer (massive activations) with the layer median.
@@ -36,19 +37,24 @@ from jaxtyping import Float
 from torch import Tensor
 
 from headscope.data.prompt_sets import PaddedBatch
-from headscope.errors import NotApplicable
+from headscope.errors import HeadscopeError, NotApplicable
 from headscope.kernels.attention_stats import chunked_attention_stats
 from headscope.probes.handle import ModelHandle
 from headscope.probes.patterns import DEFAULT_SINK_KEYS
-from headscope.probes.sites import block_list
+from headscope.probes.sites import block_list, block_sites, head_output_weight
 from headscope.progress import Progress, counter
 
 ATTENTION_NAME = "headscope_stats"
 PROFILE_FIELDS = ("entropy", "max_prob", "sink_mass", "mean_distance")
 #: profiles: the kernel's pass-1 statistics plus the norm of each head's output
 PROFILES = (*PROFILE_FIELDS, "output_norm")
-#: hidden-sink candidates: later keys (j >= 1) whose α_j exceeds this floor and
-#: that at least HIDDEN_SINK_MIN_VIEWERS queries see (a key near the end of a
+#: the norm of each head's output after its slice of the output projection,
+#: ‖z_h W_O^h‖ (bias left out); profiled where the probe finds W_O (every
+#: architecture of ``probes.sites``), absent otherwise
+OUTPUT_NORM_AFTER_WO = "output_norm_after_wo"
+#: hidden-sink candidates: later keys (j >= 1) whose α_j exceeds this floor,
+#: however few queries see them (ACT's rule has no viewer floor; the detector
+#: applies its own, HIDDEN_SINK_MIN_VIEWERS by default: a key near the end of a
 #: prompt is seen by few queries, so its α is the attention of one or two rows)
 HIDDEN_SINK_FLOOR = 0.05
 HIDDEN_SINK_MIN_VIEWERS = 16
@@ -215,6 +221,7 @@ def _attention_with_stats(
             stats,
             value_norms=value.detach().float().norm(dim=-1),
             output_norms=output.detach().float().norm(dim=-1).transpose(1, 2),
+            head_outputs=output.detach(),
         )
     if session.cross_layer is not None:
         session.cross_layer.add(
@@ -249,6 +256,10 @@ class StreamingAccumulator:
 
     def __init__(self, handle: ModelHandle, n_sink_keys: int):
         self.arch, self.n_sink_keys = handle.arch, n_sink_keys
+        try:  # each layer's output projection, for the per-head norm after W_O
+            self.sites = block_sites(handle.model, handle.arch)
+        except HeadscopeError:
+            self.sites = None
         self.length = 0
         self.sums: dict[str, Tensor] = {}
         self.alpha: dict[int, Tensor] = {}
@@ -291,7 +302,13 @@ class StreamingAccumulator:
         self._buffer(name, *leading)[layer, ..., :seq_len] += values.sum(0)
 
     def add_attention(
-        self, layer: int, stats, *, value_norms: Tensor, output_norms: Tensor
+        self,
+        layer: int,
+        stats,
+        *,
+        value_norms: Tensor,
+        output_norms: Tensor,
+        head_outputs: Tensor | None = None,
     ) -> None:
         arch, valid = self.arch, self.valid
         heads = (arch.n_layers, arch.n_heads)
@@ -300,6 +317,9 @@ class StreamingAccumulator:
             values = getattr(stats, name).to(torch.float64).cpu() * row_valid
             self._add(f"{name}_by_query", heads, layer, values)
         self._add("output_norm_by_query", heads, layer, output_norms.double().cpu() * row_valid)
+        after = self._norm_after_wo(layer, head_outputs)
+        if after is not None:
+            self._add(f"{OUTPUT_NORM_AFTER_WO}_by_query", heads, layer, after * row_valid)
         received = stats.received.to(torch.float64).cpu()
         alpha = received / self.viewers[:, None] * row_valid
         self._add("received_by_key", heads, layer, received)
@@ -309,13 +329,27 @@ class StreamingAccumulator:
         self._add("value_norm", (arch.n_layers, arch.n_kv_heads), layer, values)
         self._add_hidden_sink_candidates(layer, alpha)
 
+    def _norm_after_wo(self, layer: int, head_outputs: Tensor | None) -> Tensor | None:
+        """‖z_h W_O^h‖ per prompt, head and query [b, H, T] (float64, CPU), or None.
+
+        From the Gram matrix G_h = W_O^h W_O^h^T [d_head, d_head]: ‖z W_O^h‖² =
+        z G_h z^T, so the [.., d_model] per-head outputs are never formed."""
+        if head_outputs is None or self.sites is None:
+            return None
+        arch = self.arch
+        sites = self.sites[layer]
+        weights = torch.stack([head_output_weight(sites, h, arch) for h in range(arch.n_heads)])
+        z = head_outputs.float()  # [b, T, H, d_head]
+        gram = (weights.float() @ weights.float().transpose(1, 2)).to(z.device)  # [H, dh, dh]
+        squared = (torch.einsum("bthd,hde->bthe", z, gram) * z).sum(-1).transpose(1, 2)
+        return squared.clamp(min=0.0).sqrt().to(torch.float64).cpu()
+
     def _add_hidden_sink_candidates(self, layer: int, alpha: Tensor) -> None:
-        """Record later keys (j >= 1) with α_j above the floor and enough viewers."""
-        seen_enough = self.viewers >= HIDDEN_SINK_MIN_VIEWERS  # [b, T]
-        seen_enough[:, 0] = False  # the first token is the ordinary sink, not a hidden one
-        seen_enough &= self.valid.bool()
+        """Record later keys (j >= 1) with α_j above the floor, whatever their viewers."""
+        later = self.valid.bool().clone()  # [b, T]
+        later[:, 0] = False  # the first token is the ordinary sink, not a hidden one
         rows, heads, positions = torch.nonzero(
-            (alpha > HIDDEN_SINK_FLOOR) & seen_enough[:, None], as_tuple=True
+            (alpha > HIDDEN_SINK_FLOOR) & later[:, None], as_tuple=True
         )
         if len(rows) == 0:
             return
@@ -374,9 +408,11 @@ class StreamingAccumulator:
         count = self.sums["query_count"]
         per_position = count.clamp(min=1.0)
         total_rows = count.sum()
-        profiles = {name: self.sums[f"{name}_by_query"] / per_position for name in PROFILES}
+        after_wo = f"{OUTPUT_NORM_AFTER_WO}_by_query" in self.sums
+        names = [*PROFILES, *([OUTPUT_NORM_AFTER_WO] if after_wo else [])]
+        profiles = {name: self.sums[f"{name}_by_query"] / per_position for name in names}
         means = {name: self.sums[f"{name}_by_query"].sum(-1) / total_rows
-                 for name in PROFILES}  # fmt: skip
+                 for name in names}  # fmt: skip
         order = range(len(lengths))
         massive = torch.stack([self.massive[i] for i in order])  # [prompt, layer, 4, k]
         candidates = (

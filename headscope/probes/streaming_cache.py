@@ -21,9 +21,9 @@ under its own view at that time, exactly as a cache stores them. A plain
 rolling window (``n_sinks = 0``) and full attention (no cache) run through the
 same code, so the three perplexities differ only in what each query sees.
 
-Memory is linear in T for the windowed runs (one block of queries against the
-window's keys) and one block x T of scores for full attention: no T x T
-tensor exists. ``sink_attention`` accumulates, per layer and head, the
+Memory is linear in T: the cache runs take one block of queries against the
+cache's keys at a time, and full attention is torch's causal SDPA (a flash
+kernel on CPU too, with no mask tensor): no T x T tensor exists. ``sink_attention`` accumulates, per layer and head, the
 attention the queries from ``count_from`` on give to the sink keys.
 
 Supported: models whose attention modules apply RoPE with Hugging Face's
@@ -139,6 +139,10 @@ def _cache_attention(
     recent, n_sinks = view.recent, view.n_sinks
     if sliding_window is not None:  # a local layer keeps its own trained span
         recent, n_sinks = sliding_window, 0
+    if recent is None:  # full attention: torch's causal SDPA, memory-efficient on CPU too
+        return sdpa_attention_forward(
+            module, query, key, value, None, dropout=0.0, scaling=scale, is_causal=True
+        )
     group = query.shape[1] // key.shape[1]
     key = key.repeat_interleave(group, dim=1)[0]  # [heads, T, d]
     value = value.repeat_interleave(group, dim=1)[0]

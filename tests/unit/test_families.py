@@ -20,6 +20,7 @@ from sklearn.metrics import adjusted_rand_score
 from headscope.ablation_spec import parse_head_name
 from headscope.analyses import get_detector
 from headscope.analyses.families import (
+    PROTOCOLS,
     _relabel,
     detect_head_families,
     head_features,
@@ -79,7 +80,9 @@ def _labels(table: HeadTable) -> np.ndarray:
 
 def test_defaults_come_from_the_signature():
     assert get_detector("head_families").defaults == {
+        "protocol": "blocks",
         "n_families": None,
+        "n_bootstrap": 50,
         "max_families": 8,
         "seed": 0,
         "embedding": "pca",
@@ -116,7 +119,7 @@ def test_features_are_normalised_and_named():
 
 def test_planted_families_are_recovered():
     tables, stats, groups = _planted()
-    table = get_detector("head_families").run_tables(tables, stats)
+    table = get_detector("head_families").run_tables(tables, stats, n_bootstrap=20)
     assert (table.detector, table.group) == ("head_families", "families")
     assert table.prompt_set == "prose"
     summary = table.summary
@@ -150,9 +153,137 @@ def test_planted_families_are_recovered():
     evidence_to_json(first)
 
 
+def _with_prompts(tables, stats, *, n_prompts=16, sd=0.05, seed=0):
+    """Give the planted set per-prompt α_0 around each head's sink mass (unequal lengths)."""
+    rng = np.random.default_rng(seed + 100)
+    prose = stats["prose"]
+    sink = prose.means["sink_mass"].numpy()
+    lengths = rng.integers(20, 40, n_prompts)
+    alpha = np.clip(sink[None] + sd * rng.standard_normal((n_prompts, *sink.shape)), 0, 1)
+    prose.lengths = [int(n) for n in lengths]
+    prose.sink_alpha = torch.tensor(alpha[..., None])  # [prompt, layer, head, key]
+    prose.means["sink_mass"] = torch.tensor(np.average(alpha, axis=0, weights=lengths))
+    tables = [tables[0], _table("first_token_sink", alpha.mean(0))]
+    return tables, stats
+
+
+def _structureless(seed: int):
+    """Every feature independent noise; α_0 i.i.d. per prompt, so no head has a sink of its own."""
+    rng = np.random.default_rng(seed)
+    alpha = rng.uniform(0, 1, (16, N_LAYERS, N_HEADS))
+    means = {n: rng.standard_normal((N_LAYERS, N_HEADS)) for n in ("entropy", "mean_distance")}
+    means["max_prob"] = rng.uniform(0, 1, (N_LAYERS, N_HEADS))
+    means["output_norm"] = rng.exponential(1.0, (N_LAYERS, N_HEADS))
+    means["sink_mass"] = alpha.mean(0)
+    prose = _stats("prose", means, lengths=[30] * 16)
+    prose.sink_alpha = torch.tensor(alpha[..., None])
+    tables = [_table("previous_token", rng.standard_normal((N_LAYERS, N_HEADS)))]
+    return tables, {"prose": prose}
+
+
+def test_duplicates_dropped_and_blocks_weighted_equally():
+    tables, stats = _with_prompts(*_planted()[:2])
+    table = detect_head_families(tables, stats, n_bootstrap=0)
+    duplicates = table.summary["dropped_features"]["duplicate"]
+    # first_token_sink is sink_mass averaged per prompt: the same column, dropped
+    assert duplicates["first_token_sink@prose"] == "sink_mass@prose"
+    assert "first_token_sink@prose" not in table.params["features"]
+    blocks = table.params["blocks"]
+    assert sorted(sum(blocks, [])) == sorted(table.params["features"])
+    assert table.summary["n_blocks"] == len(blocks)
+    assert (table.params["protocol"], table.params["protocol_note"]) == (
+        "blocks", PROTOCOLS["blocks"],
+    )  # fmt: skip
+    legacy = detect_head_families(tables, stats, protocol="all", n_bootstrap=0)
+    assert "first_token_sink@prose" in legacy.params["features"]
+    assert legacy.params["blocks"] == [[name] for name in legacy.params["features"]]
+    assert "duplicate" not in legacy.summary["dropped_features"]
+
+    # one property written into five correlated columns, another into one column:
+    # the old protocol lets the five outvote the one, blocks give both one vote
+    rng = np.random.default_rng(0)
+    a = np.repeat([0.0, 1.0], 12)
+    b = np.tile([0.0, 1.0], 12)
+    copies = {
+        f"a{i}": (a + 0.25 * rng.standard_normal(24)).reshape(N_LAYERS, N_HEADS) for i in range(5)
+    }
+    one = (b + 0.05 * rng.standard_normal(24)).reshape(N_LAYERS, N_HEADS)
+    planted = [_table(name, v) for name, v in copies.items()] + [_table("b", one)]
+    blocked = detect_head_families(planted, {}, n_families=2, n_bootstrap=0)
+    assert sorted(map(sorted, blocked.params["blocks"])) == [
+        ["a0@prose", "a1@prose", "a2@prose", "a3@prose", "a4@prose"], ["b@prose"],
+    ]  # fmt: skip
+    old = detect_head_families(planted, {}, n_families=2, protocol="all", n_bootstrap=0)
+    assert adjusted_rand_score(a, _labels(old)) == 1.0
+    assert adjusted_rand_score(b, _labels(blocked)) == 1.0
+    best = detect_head_families(planted, {}, n_bootstrap=0)
+    assert best.summary["n_families"] == 4  # both properties, as four equal corners
+
+
+def test_planted_families_are_stable_under_both_bootstraps():
+    tables, stats, groups = _planted()
+    tables, stats = _with_prompts(tables, stats)
+    table = detect_head_families(tables, stats, n_bootstrap=20)
+    summary = table.summary
+    assert summary["n_families"] == 3
+    assert adjusted_rand_score(groups.ravel(), _labels(table)) == 1.0
+    assert summary["resampled_features"] == ["sink_mass@prose"]
+    three = summary["stability_by_k"][3]
+    for scheme in ("prompt", "head"):
+        assert three[f"{scheme}_ari_mean"] > 0.95 and three[f"{scheme}_ari_p5"] > 0.9
+        assert min(three["jaccard"][scheme]) > 0.9
+    assert three["silhouette"] > three["null_silhouette_p95"] + 0.3
+    assert summary["beyond_chance"] and summary["surviving_families"] == [0, 1, 2]
+    assert all(f["survives"] for f in summary["families"])
+    assert summary["verdict"] == "3 of 3 families survive (family 0, 1, 2)"
+    assert summary["k_choice"] == "best silhouette among stable partitions beyond chance"
+    assert table.frame["flagged"].all()
+    json.dumps(table.metadata())
+    from rich.console import Console
+
+    from headscope.report import _families
+
+    console = Console(record=True, width=200)
+    console.print(_families(table))
+    text = console.export_text()
+    assert "3 of 3 families survive" in text and text.count("(survives)") == 3
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_structureless_control_has_no_family(seed):
+    tables, stats = _structureless(seed)
+    table = detect_head_families(tables, stats, n_bootstrap=20, seed=seed)
+    summary = table.summary
+    assert summary["resampled_features"] == ["sink_mass@prose"]
+    assert summary["surviving_families"] == [] and not table.frame["flagged"].any()
+    assert summary["verdict"].startswith("no family survives")
+    for entry in summary["stability_by_k"].values():
+        # no k gives a partition that both bootstraps reproduce
+        assert min(entry["prompt_ari_mean"], entry["head_ari_mean"]) < 0.65
+        assert entry["silhouette"] < entry["null_silhouette_p95"] + 0.05
+
+
+def test_prompt_noise_shows_in_the_prompt_bootstrap_only():
+    """Sink levels planted 0.1 apart but per-prompt α_0 spread 0.3 (four prompts):
+    the prompt bootstrap reshuffles the sink split, the head bootstrap cannot see why."""
+    rng = np.random.default_rng(3)
+    level = np.repeat([0.4, 0.5], 12)
+    alpha = np.clip(level[None] + 0.3 * rng.standard_normal((4, 24)), 0, 1)
+    prose = _stats("prose", {"sink_mass": alpha.mean(0).reshape(N_LAYERS, N_HEADS)},
+                   lengths=[30] * 4)  # fmt: skip
+    prose.sink_alpha = torch.tensor(alpha.reshape(4, N_LAYERS, N_HEADS, 1))
+    table = detect_head_families([], {"prose": prose}, n_families=2, n_bootstrap=20)
+    two = table.summary["stability_by_k"][2]
+    assert two["prompt_ari_mean"] < 0.5 < 0.8 < two["head_ari_mean"]
+    assert table.summary["surviving_families"] == []
+    assert table.summary["verdict"].endswith(
+        "unstable under the prompt bootstrap (mean ARI < 0.75)"
+    )
+
+
 def test_given_number_of_families():
     tables, stats, _ = _planted()
-    table = detect_head_families(tables, stats, n_families=2)
+    table = detect_head_families(tables, stats, n_families=2, n_bootstrap=0)
     assert table.summary["n_families"] == 2
     assert list(table.summary["silhouette_by_k"]) == [2]
     assert set(_labels(table)) == {0, 1}
@@ -166,11 +297,13 @@ def _assert_same(a: HeadTable, b: HeadTable) -> None:
 
 def test_same_seed_same_result_and_input_order_does_not_matter():
     tables, stats, _ = _planted(noise=0.2)  # noisy enough that k-means has choices
-    reference = detect_head_families(tables, stats, seed=3)
-    _assert_same(reference, detect_head_families(tables, stats, seed=3))
+    reference = detect_head_families(tables, stats, seed=3, n_bootstrap=5)
+    _assert_same(reference, detect_head_families(tables, stats, seed=3, n_bootstrap=5))
     more_stats = {**stats, "code": _planted(seed=1, noise=0.2)[1]["prose"]}
-    forward = detect_head_families(tables, more_stats, seed=3)
-    backward = detect_head_families(tables[::-1], dict(reversed(more_stats.items())), seed=3)
+    forward = detect_head_families(tables, more_stats, seed=3, n_bootstrap=5)
+    backward = detect_head_families(
+        tables[::-1], dict(reversed(more_stats.items())), seed=3, n_bootstrap=5
+    )
     _assert_same(forward, backward)
     assert forward.prompt_set == "code+prose"
 
@@ -188,7 +321,7 @@ def test_relabelling_ignores_kmeans_numbering():
 def test_layer_tables_and_earlier_families_are_ignored():
     tables, stats, _ = _planted()
     families = get_detector("head_families")
-    reference = families.run_tables(tables, stats)
+    reference = families.run_tables(tables, stats, n_bootstrap=0)
     layer_table = LayerTable(
         frame=pd.DataFrame(
             {
@@ -202,7 +335,7 @@ def test_layer_tables_and_earlier_families_are_ignored():
         detector="residual_peak",
         prompt_set="prose",
     )
-    again = families.run_tables([layer_table, reference, *tables], stats)
+    again = families.run_tables([layer_table, reference, *tables], stats, n_bootstrap=0)
     _assert_same(reference, again)
     assert not any(name.startswith("head_families") for name in again.params["features"])
 
@@ -223,10 +356,16 @@ def test_missing_values_filled_and_constant_columns_dropped():
     finite = gappy[np.isfinite(gappy)]
     assert frame.loc[(0, 0), "induction@prose"] == pytest.approx(np.median(finite))
     assert frame.loc[(1, 0), "induction@prose"] == pytest.approx(np.median(finite))
-    table = detect_head_families(tables + extra, stats)
+    table = detect_head_families(tables + extra, stats, n_bootstrap=0)
     assert table.summary["dropped_features"] == {
         "all_missing": ["successor@prose"],
         "constant": ["duplicate_token@prose"],
+        # near-copies (|r| >= 0.98): statistics are kept before tables, then by name
+        "duplicate": {
+            "first_token_sink@prose": "sink_mass@prose",
+            "max_prob@prose": "entropy@prose",
+            "previous_token@prose": "induction@prose",
+        },
     }
     evidence = table.frame["evidence"]
     assert evidence[0]["imputed"] == ["induction@prose"] and evidence[5]["imputed"] == []
@@ -234,10 +373,12 @@ def test_missing_values_filled_and_constant_columns_dropped():
 
 def test_tables_alone_are_enough():
     tables, _, _ = _planted()
-    table = detect_head_families(tables, {})
+    table = detect_head_families(tables, {}, n_bootstrap=0)
     assert table.prompt_set == "tables"
     assert table.params["features"] == ["first_token_sink@prose", "previous_token@prose"]
-    one = detect_head_families(tables[:1], {})  # a single feature: the embedding's y is 0
+    one = detect_head_families(
+        tables[:1], {}, n_bootstrap=0
+    )  # a single feature: the embedding's y is 0
     assert one.params["features"] == ["previous_token@prose"]
     assert all(e["y"] == 0 for e in one.frame["evidence"])
     assert one.summary["explained_variance"] == pytest.approx([1.0, 0.0])
@@ -258,6 +399,10 @@ def test_errors():
         detect_head_families(tables, stats, max_families=1)
     with pytest.raises(HeadscopeError, match="embedding"):
         detect_head_families(tables, stats, embedding="umap")
+    with pytest.raises(HeadscopeError, match="protocol 'sun2024'.*blocks"):
+        detect_head_families(tables, stats, protocol="sun2024")
+    with pytest.raises(HeadscopeError, match="n_bootstrap"):
+        detect_head_families(tables, stats, n_bootstrap=-1)
     with pytest.raises(HeadscopeError, match="no usable feature"):
         detect_head_families([_table("induction", np.ones((N_LAYERS, N_HEADS)))], {})
     with pytest.raises(HeadscopeError, match="no prompts"):
@@ -266,8 +411,8 @@ def test_errors():
 
 def test_tsne_embedding_is_seeded():
     tables, stats, groups = _planted()
-    a = detect_head_families(tables, stats, embedding="tsne", seed=1)
-    b = detect_head_families(tables, stats, embedding="tsne", seed=1)
+    a = detect_head_families(tables, stats, embedding="tsne", seed=1, n_bootstrap=0)
+    b = detect_head_families(tables, stats, embedding="tsne", seed=1, n_bootstrap=0)
     _assert_same(a, b)
     assert "explained_variance" not in a.summary
     xy = np.array([[e["x"], e["y"]] for e in a.frame["evidence"]])
@@ -315,3 +460,17 @@ def test_a_detector_cannot_take_a_table_name_already_taken():
                 tables=("llm_drop_block",),
             )
         )  # fmt: skip
+
+
+def test_families_rerun_from_a_run_folder(tiny_run):
+    """A run's stored statistics and tables are enough to rerun the families (no model)."""
+    from headscope.analyses.families import families_from_run
+
+    table = families_from_run(tiny_run, n_bootstrap=5, protocol="blocks")
+    assert (table.detector, table.prompt_set) == ("head_families", "prose")
+    duplicates = table.summary["dropped_features"]["duplicate"]
+    # equal-length prompts: the first-token sink score is the sink mass itself
+    assert duplicates["first_token_sink@prose"] == "sink_mass@prose"
+    assert table.summary["resampled_features"] == ["sink_mass@prose"]
+    legacy = families_from_run(tiny_run, n_bootstrap=0, protocol="all")
+    assert "first_token_sink@prose" in legacy.params["features"]

@@ -58,3 +58,45 @@ def test_attention_function_outside_a_probe_is_plain_sdpa(tiny_llama):
         with streaming_attention(tiny_llama):
             inside = tiny_llama.model(tokens).logits
     assert torch.allclose(expected, inside, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3", "bert"])
+def test_output_norm_after_w_o_equals_each_heads_projected_output(arch):
+    """‖z_h W_O^h‖ from the Gram matrix equals the head's slice of the output
+    projection applied to the z the model itself feeds that projection."""
+    from headscope.probes.sites import block_sites, head_output_weight
+
+    handle = load_model(f"tiny:{arch}")
+    arch_info = handle.arch
+    prompts = get_prompt_set("prose", n_prompts=4, seq_len=24).tokenize(
+        handle.tokenizer, bos_token_id=arch_info.bos_token_id
+    )
+    assert len(set(prompts.lengths)) == 1  # one unpadded batch: the profile is a plain mean
+    sites = block_sites(handle.model, arch_info)
+    seen: dict[int, torch.Tensor] = {}
+    hooks = [
+        s.output_projection.register_forward_pre_hook(
+            lambda _m, args, layer=s.layer: seen.setdefault(layer, args[0].detach().clone())
+        )
+        for s in sites
+    ]
+    try:
+        stats = probe_streaming(handle, prompts, batch_size=4)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    dh = arch_info.d_head
+    for s in sites:
+        z = seen[s.layer].double()  # [b, T, H * d_head]
+        expected = torch.stack(
+            [
+                (z[..., h * dh : (h + 1) * dh] @ head_output_weight(s, h, arch_info).double())
+                .norm(dim=-1)
+                .mean(0)
+                for h in range(arch_info.n_heads)
+            ]
+        )  # [H, T]
+        got = stats.profiles["output_norm_after_wo"][s.layer]
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6), s.layer
+    # and the norm before W_O is not the same quantity
+    assert not torch.allclose(stats.profiles["output_norm"], stats.profiles["output_norm_after_wo"])

@@ -7,6 +7,7 @@ import streamlit as st
 from headscope.ablation_spec import head_name, parse_head_name
 from headscope.dashboard.data import HEAD_KEY, current_run, md
 from headscope.plots import head_heatmap, layer_bars, role_census
+from headscope.report import run_context
 
 run = current_run()
 manifest = run.manifest
@@ -26,6 +27,8 @@ for skipped in manifest.get("skipped", []):
     st.caption(md(f"skipped {skipped['detector']}: {skipped['reason']}"))
 
 head_tables, layer_tables = run.head_tables(), run.layer_tables()
+for line in run_context(manifest, [*head_tables, *layer_tables]).plain.splitlines():
+    st.caption(md(line))  # the BOS choice and each table's published protocol
 if not head_tables and not layer_tables:
     st.warning("This run holds no tables.")
     st.stop()
