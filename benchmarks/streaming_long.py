@@ -78,8 +78,10 @@ def main(argv: list[str] | None = None) -> None:
             *((f"{name} forward, s", f"{s:.1f}") for name, s in zip(names, seconds, strict=False)),
             ("peak RSS, GiB", f"{peak_gib:.2f}"),
             ("peak RSS after model load (baseline), GiB", f"{loaded_gib:.2f}"),
-            ("full attention patterns of the text (T^2 x heads x layers x 4 B), GiB",
-             f"{patterns_gib:,.0f}"),
+            (
+                "full attention patterns of the text (T^2 x heads x layers x 4 B), GiB",
+                f"{patterns_gib:,.0f}",
+            ),
         ],  # fmt: skip
     )
 

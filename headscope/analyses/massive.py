@@ -32,7 +32,7 @@ should keep perplexity; zeroing them should break the model. Two protocols
   massive dim (massive at position 0 in >= ``min_fraction`` of the detection
   prompts and, in >= ``min_fraction`` of them, at no more than
   ``max_positions`` positions; a dim that is massive at many ordinary tokens,
-  as Gemma 3's dim 400 at commas in layers 0-1, does not qualify); the dims
+  as Gemma 3's dim 400 at commas in layers 0-3, does not qualify); the dims
   are that layer's qualifying dims; the delimiter is, per sequence, the
   position >= 1 with the largest |h| in those dims, edited only when that
   entry is massive; the two means come from a forward over the detection set.

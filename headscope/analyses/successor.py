@@ -8,17 +8,40 @@ it writes, not where it attends, so it is read off the weights, then checked beh
    (SmolLM2 splits the space off digits); pairs item_i -> item_i+1 (and
    last -> first when cyclic) join surviving items only. Tokenizers drop many
    items, so the counts go into the table's summary.
-2. **Effective embedding.** ``e_t = MLP0(pre_mlp_norm_0(W_E[t]))``: layer 0's
-   MLP alone (Gemma's post-MLP norm too), no attention: in small models MLP0
-   acts as an extended embedding. ``include_residual=True`` uses
-   ``W_E[t] + MLP0(...)``, the residual stream after layer 0 with attention skipped.
-3. **Effective OV.** ``o_t = input_norm_l(e_t) W_V W_O`` for head (l, h), no
-   biases (Gemma's post-attention norm applied), then logits over the task's
-   own tokens S, ``final_norm(o_t) W_U[:, S]``; ``final_norm=False`` skips the
-   final norm (its per-dimension gain, or LayerNorm's centring, can change the
-   winner). **Succession score**: the fraction of pairs, pooled over tasks,
-   whose successor has the top logit among S; flagged above ``threshold``.
-4. **Behavioural check.** Prompts "Monday, Tuesday, Wednesday," -> " Thursday"
+2. **Effective embedding and OV** (``protocol``, recorded in the table):
+
+   - ``"headscope"`` (default): ``e_t = MLP0(pre_mlp_norm_0(W_E[t]))``, layer
+     0's MLP alone (Gemma's post-MLP norm too), no attention: in small models
+     MLP0 acts as an extended embedding; ``include_residual=True`` adds
+     ``W_E[t]``. The head reads ``input_norm_l(e_t)``; Gemma's post-attention
+     norm and the final norm (``final_norm``) are applied: the model's own
+     norms wherever the forward pass has them.
+   - ``"gould2023"``: the paper's formula ``W_U W_OV MLP0(W_E)`` as the code
+     that re-runs it computes it (Tigges et al. 2024's successor-head script,
+     labelled "from SH paper": TransformerLens with ``fold_ln=False``,
+     ``blocks[0].mlp(W_E)``, ``OV.AB``, ``W_U``): no norm anywhere, neither
+     before MLP0, nor before the head, nor before the unembedding (so no norm
+     gain either). Gould et al.'s own repository is not at hand; this is our
+     reading of that re-use.
+   - ``"layer0"``: the full residual stream after layer 0 for the token alone
+     (a one-token sequence at position 0, no BOS: ``W_E + attn0 + MLP0``,
+     attention then attends only to the token itself), read off the model's
+     own forward pass; the model's norms as in ``"headscope"``.
+
+   ``o_t = e_t W_V W_O`` for head (l, h) (no biases), then logits over the
+   task's own tokens S, ``o_t W_U[:, S]``. ``final_norm=None`` takes the
+   protocol's choice (on, except for ``"gould2023"``).
+3. **Succession score**: the fraction of pairs, pooled over tasks, whose
+   successor has the top logit among S; flagged above ``threshold``. Chance
+   is ``1/|S|`` per pair (pooled: its mean over pairs); since the best of
+   many heads beats chance by luck, the summary also has a null for the best
+   head: the best score when each task's items are relabelled by a seeded
+   random permutation (same pair graph, random order). The top heads' per-task
+   accuracy goes into the summary beside each task's chance.
+4. **Mod-10 check.** The digits 0-9 as a cyclic task (9 -> 0) of their own,
+   scored like a task but not pooled: the fraction of the ten digits whose
+   successor mod 10 tops the head's logits among the digits (chance 0.1).
+5. **Behavioural check.** Prompts "Monday, Tuesday, Wednesday," -> " Thursday"
    from runs of four surviving items: next-token accuracy and mean target
    log-probability clean, with the top successor heads mean-ablated, and with
    as many random other heads mean-ablated (``n_random`` seeded draws). A real
@@ -42,7 +65,7 @@ from torch import Tensor
 
 from headscope.ablation_spec import head_name
 from headscope.analyses.registry import keyword_defaults
-from headscope.data.ordinal import ORDINAL_TASKS, task_by_name
+from headscope.data.ordinal import MOD10_TASK, ORDINAL_TASKS, OrdinalTask, task_by_name
 from headscope.data.prompt_sets import PaddedBatch, encode_text
 from headscope.errors import HeadscopeError, NotApplicable
 from headscope.probes.ablation import Ablation, Head, mean_ablation
@@ -101,38 +124,42 @@ def _successor_index(position: int, n_items: int, cyclic: bool) -> int | None:
     return 0 if cyclic and n_items > 1 else None
 
 
+def _token_set(tokenizer: Any, task: OrdinalTask) -> TokenSet:
+    survivors: dict[int, tuple[int, bool]] = {}  # position -> (token id, spaced)
+    taken: set[int] = set()
+    for position, item in enumerate(task.items):
+        found = _item_token(tokenizer, item)
+        if found is not None and found[0] not in taken:  # one token, two items: keep the first
+            survivors[position] = found
+            taken.add(found[0])
+    positions = tuple(sorted(survivors))
+    index_of = {p: i for i, p in enumerate(positions)}
+    pairs = []
+    for position in positions:
+        successor = _successor_index(position, len(task.items), task.cyclic)
+        if successor is not None and successor in survivors:
+            pairs.append((index_of[position], index_of[successor]))
+    return TokenSet(
+        task=task.name,
+        cyclic=task.cyclic,
+        n_items=len(task.items),
+        positions=positions,
+        items=tuple(task.items[p] for p in positions),
+        token_ids=tuple(survivors[p][0] for p in positions),
+        spaced=tuple(survivors[p][1] for p in positions),
+        pairs=tuple(pairs),
+    )
+
+
 def ordinal_token_sets(tokenizer: Any, tasks: Sequence[str] | None = None) -> tuple[TokenSet, ...]:
     """One TokenSet per task (all of ``ORDINAL_TASKS`` by default), empty ones included."""
     chosen = ORDINAL_TASKS if tasks is None else tuple(task_by_name(n) for n in tasks)
-    token_sets = []
-    for task in chosen:
-        survivors: dict[int, tuple[int, bool]] = {}  # position -> (token id, spaced)
-        taken: set[int] = set()
-        for position, item in enumerate(task.items):
-            found = _item_token(tokenizer, item)
-            if found is not None and found[0] not in taken:  # one token, two items: keep the first
-                survivors[position] = found
-                taken.add(found[0])
-        positions = tuple(sorted(survivors))
-        index_of = {p: i for i, p in enumerate(positions)}
-        pairs = []
-        for position in positions:
-            successor = _successor_index(position, len(task.items), task.cyclic)
-            if successor is not None and successor in survivors:
-                pairs.append((index_of[position], index_of[successor]))
-        token_sets.append(
-            TokenSet(
-                task=task.name,
-                cyclic=task.cyclic,
-                n_items=len(task.items),
-                positions=positions,
-                items=tuple(task.items[p] for p in positions),
-                token_ids=tuple(survivors[p][0] for p in positions),
-                spaced=tuple(survivors[p][1] for p in positions),
-                pairs=tuple(pairs),
-            )
-        )
-    return tuple(token_sets)
+    return tuple(_token_set(tokenizer, task) for task in chosen)
+
+
+def mod10_token_set(tokenizer: Any) -> TokenSet:
+    """The digits 0-9 as a cyclic task (the mod-10 check); pairs d -> d+1 mod 10."""
+    return _token_set(tokenizer, MOD10_TASK)
 
 
 # ------------------------------------------------------------ effective OV circuit
@@ -147,6 +174,30 @@ def _apply(module: torch.nn.Module | None, x: Tensor) -> Tensor:
     return (out[0] if isinstance(out, tuple) else out).float()
 
 
+#: the protocols of the effective OV circuit: name -> one-line description (the table's note)
+PROTOCOLS: dict[str, str] = {
+    "headscope": (
+        "headscope: e_t = MLP0(pre-MLP norm(W_E[t])), the model's own norms before the head "
+        "(Gemma: after it) and before W_U"
+    ),
+    "gould2023": (
+        "Gould et al. 2023 (their formula W_U W_OV MLP0(W_E), as re-run by Tigges et al. 2024's "
+        "code): e_t = MLP0(W_E[t]), no norm anywhere"
+    ),
+    "layer0": (
+        "full layer-0 residual: e_t = W_E + attn0 + MLP0 on the one-token sequence [t], "
+        "the model's own norms"
+    ),
+}
+
+
+def _check_protocol(protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise HeadscopeError(
+            f"unknown successor protocol '{protocol}'; choose from {', '.join(PROTOCOLS)}"
+        )
+
+
 def _check_decoder(handle: ModelHandle) -> None:
     if not handle.arch.causal:
         raise NotApplicable(f"{handle.spec} is an encoder; successor heads need a decoder")
@@ -156,18 +207,57 @@ def _check_decoder(handle: ModelHandle) -> None:
 
 
 @torch.no_grad()
+def _layer0_residual(handle: ModelHandle, ids: Tensor) -> Float[Tensor, "token d_model"]:
+    """The output of block 0 for each token run alone (a batch of one-token sequences)."""
+    block = block_sites(handle.model, handle.arch)[0].block
+    captured: list[Tensor] = []
+
+    def keep(_module, _inputs, output):
+        captured.append((output[0] if isinstance(output, tuple) else output).detach())
+
+    hook = block.register_forward_hook(keep)
+    try:
+        handle.model(input_ids=ids[0][:, None], use_cache=False)  # [token, 1]
+    finally:
+        hook.remove()
+    return captured[0][:, 0].float()
+
+
+@torch.no_grad()
 def effective_embeddings(
-    handle: ModelHandle, token_ids: Sequence[int], *, include_residual: bool = False
+    handle: ModelHandle,
+    token_ids: Sequence[int],
+    *,
+    include_residual: bool = False,
+    protocol: str = "headscope",
 ) -> Float[Tensor, "vocab d_model"]:
-    """Rows ``MLP0(pre_mlp_norm_0(W_E[t]))`` (+ ``W_E[t]`` if ``include_residual``), float32."""
+    """Each token's effective embedding under ``protocol`` (module docstring), float32.
+
+    ``"headscope"``: ``MLP0(pre_mlp_norm_0(W_E[t]))``; ``"gould2023"``:
+    ``MLP0(W_E[t])``, no norm; both plus ``W_E[t]`` if ``include_residual``.
+    ``"layer0"``: the residual after layer 0 on the token alone (it already
+    holds ``W_E[t]``, so ``include_residual`` is refused).
+    """
+    _check_protocol(protocol)
     _check_decoder(handle)
-    first = block_sites(handle.model, handle.arch)[0]
     ids = torch.tensor(list(token_ids), dtype=torch.long, device=handle.device)[None]
+    if protocol == "layer0":
+        if include_residual:
+            raise HeadscopeError("protocol 'layer0' already includes W_E; drop include_residual")
+        return _layer0_residual(handle, ids)
+    first = block_sites(handle.model, handle.arch)[0]
     embedded = embed_tokens(handle.model, ids).float()  # [1, token, d_model]
-    out = _apply(first.post_mlp_norm, _apply(first.mlp, _apply(first.pre_mlp_norm, embedded)))
+    if protocol == "gould2023":
+        out = _apply(first.mlp, embedded)
+    else:
+        out = _apply(first.post_mlp_norm, _apply(first.mlp, _apply(first.pre_mlp_norm, embedded)))
     if include_residual:
         out = out + embedded
     return out[0]
+
+
+def _resolve_final_norm(final_norm: bool | None, protocol: str) -> bool:
+    return final_norm if final_norm is not None else protocol != "gould2023"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -191,6 +281,35 @@ class SuccessionScores:
     def task_accuracy(self, layer: int, head: int) -> dict[str, float]:
         """Fraction of each task's pairs right for one head."""
         return {s.task: self.correct[s.task][layer, head] / len(s.pairs) for s in self.token_sets}
+
+    @property
+    def task_chance(self) -> dict[str, float]:
+        """Each task's chance accuracy: 1 / (its candidate tokens), the argmax of random logits."""
+        return {s.task: 1 / len(s.items) for s in self.token_sets}
+
+    @property
+    def chance(self) -> float:
+        """The pooled score's chance level: 1 / |S| averaged over all pairs."""
+        return sum(len(s.pairs) / len(s.items) for s in self.token_sets) / self.n_pairs
+
+    def null_best_scores(self, n_draws: int = 20, seed: int = 0) -> np.ndarray:
+        """The best head's score against relabelled tasks, one per draw.
+
+        Each draw relabels every task's items by a seeded random permutation
+        (pair (a, b) becomes (p[a], p[b]): the same pair graph in a random
+        order) and takes the best head's pooled score: what the top of the
+        ranking reaches by luck.
+        """
+        rng = np.random.default_rng(seed)
+        best = []
+        for _ in range(n_draws):
+            hits = 0
+            for s in self.token_sets:
+                relabel = rng.permutation(len(s.items))
+                sources, targets = (relabel[list(x)] for x in zip(*s.pairs, strict=True))
+                hits = hits + (self.predictions[s.task][..., sources] == targets).sum(-1)
+            best.append(float((hits / self.n_pairs).max()))
+        return np.array(best)
 
     @property
     def copy_scores(self) -> np.ndarray:
@@ -221,10 +340,15 @@ def succession_scores(
     handle: ModelHandle,
     token_sets: Sequence[TokenSet],
     *,
-    final_norm: bool = True,
+    final_norm: bool | None = None,
     include_residual: bool = False,
+    protocol: str = "headscope",
 ) -> SuccessionScores:
-    """Score every head's effective OV circuit on ``token_sets`` (those with pairs)."""
+    """Score every head's effective OV circuit on ``token_sets`` (those with pairs).
+
+    ``final_norm=None``: the protocol's choice (on, except for ``"gould2023"``).
+    """
+    _check_protocol(protocol)
     arch = handle.arch
     scored = tuple(s for s in token_sets if s.pairs)
     if not scored:
@@ -233,17 +357,22 @@ def succession_scores(
         )
     all_ids = [t for s in scored for t in s.token_ids]
     starts = np.cumsum([0] + [len(s.token_ids) for s in scored])
-    embedded = effective_embeddings(handle, all_ids, include_residual=include_residual)
+    embedded = effective_embeddings(
+        handle, all_ids, include_residual=include_residual, protocol=protocol
+    )
     w_u = unembedding(handle.model)[:, all_ids].float()  # [d_model, token]
-    norm = final_norm_module(handle.model) if final_norm else None
+    norm = final_norm_module(handle.model) if _resolve_final_norm(final_norm, protocol) else None
+    model_norms = protocol != "gould2023"
     shape = (arch.n_layers, arch.n_heads)
     correct = {s.task: np.zeros(shape, dtype=np.int64) for s in scored}
     predictions = {s.task: np.zeros((*shape, len(s.items)), dtype=np.int64) for s in scored}
     for layer, site in enumerate(block_sites(handle.model, arch)):
         w_v, w_o = _layer_weights(site, arch)
-        normed = _apply(site.input_norm, embedded[None])[0]  # [token, d_model]
+        normed = _apply(site.input_norm if model_norms else None, embedded[None])[0]
         written = torch.einsum("td,hde->hte", normed, w_v) @ w_o  # [head, token, d_model]
-        written = _apply(norm, _apply(site.post_attention_norm, written))
+        if model_norms:
+            written = _apply(site.post_attention_norm, written)
+        written = _apply(norm, written)
         for token_set, start, stop in zip(scored, starts[:-1], starts[1:], strict=True):
             logits = written[:, start:stop] @ w_u[:, start:stop]  # [head, item, item]
             predicted = logits.argmax(-1).cpu()  # [head, item]
@@ -467,14 +596,48 @@ def behavioural_check(
 # ------------------------------------------------------------------- detector
 
 
+#: heads whose per-task accuracy (and mod-10 fraction) the summary spells out
+REPORTED_HEADS = 5
+#: relabelled-task draws for the best-head null
+NULL_DRAWS = 200
+
+
+def _null_summary(observed: float, null: np.ndarray) -> dict[str, float]:
+    """The null's mean and 95th percentile, and the share of draws at least as good
+    as ``observed`` (with the +1 of a permutation test)."""
+    return {
+        "null_best_score_mean": float(null.mean()),
+        "null_best_score_q95": float(np.quantile(null, 0.95)),
+        "null_p": float((1 + (null >= observed - 1e-12).sum()) / (1 + len(null))),
+    }
+
+
+def _mod10_scores(
+    handle: ModelHandle, *, final_norm: bool | None, include_residual: bool, protocol: str
+) -> tuple[SuccessionScores | None, int]:
+    """Every head's mod-10 succession (None if fewer than two digits are single tokens)."""
+    digits = mod10_token_set(handle.tokenizer)
+    if not digits.pairs:
+        return None, len(digits.items)
+    scores = succession_scores(
+        handle,
+        [digits],
+        final_norm=final_norm,
+        include_residual=include_residual,
+        protocol=protocol,
+    )
+    return scores, len(digits.items)
+
+
 def detect_successor_heads(
     handle: ModelHandle,
     *,
     stats_by_set: Mapping[str, Any] | None = None,
     batch_size: int = 8,
     on_progress: Progress | None = None,
+    protocol: str = "headscope",
     threshold: float = 0.4,
-    final_norm: bool = True,
+    final_norm: bool | None = None,
     include_residual: bool = False,
     behaviour: bool = True,
     top_k: int = 1,
@@ -487,9 +650,11 @@ def detect_successor_heads(
 ) -> HeadTable:
     """Succession score of every head (Gould et al.'s effective OV) and the ablation check.
 
-    ``stats_by_set`` is accepted for the experiment signature and unused (the
-    score needs weights only). ``tasks`` restricts the ordinal tasks (default:
-    all of ``ORDINAL_TASKS``). ``behaviour=False`` skips the continuation check.
+    ``protocol`` picks the effective embedding and norms (``PROTOCOLS``; module
+    docstring); ``final_norm=None`` is the protocol's own choice. ``stats_by_set``
+    is accepted for the experiment signature and unused (the score needs
+    weights only). ``tasks`` restricts the ordinal tasks (default: all of
+    ``ORDINAL_TASKS``). ``behaviour=False`` skips the continuation check.
     """
     params = {
         name: value
@@ -497,33 +662,65 @@ def detect_successor_heads(
         if name in keyword_defaults(detect_successor_heads)
     }
     del stats_by_set
+    _check_protocol(protocol)
     if top_k < 1:
         raise HeadscopeError(f"top_k must be at least 1, got {top_k}")
     if n_random < 0:
         raise HeadscopeError(f"n_random must be non-negative, got {n_random}")
     token_sets = ordinal_token_sets(handle.tokenizer, tasks)
-    succession = succession_scores(
-        handle, token_sets, final_norm=final_norm, include_residual=include_residual
-    )
+    options = {"final_norm": final_norm, "include_residual": include_residual, "protocol": protocol}
+    succession = succession_scores(handle, token_sets, **options)
+    mod10, n_digits = _mod10_scores(handle, **options)
     scores = succession.scores
     evidence = [
         {
             "task_accuracy": succession.task_accuracy(layer, head),
             "n_correct": int(sum(c[layer, head] for c in succession.correct.values())),
+            "mod10": None if mod10 is None else float(mod10.scores[layer, head]),
         }
         for layer in range(handle.arch.n_layers)
         for head in range(handle.arch.n_heads)
     ]
     best = succession.top_heads(1)[0]
+    null = succession.null_best_scores(NULL_DRAWS, seed)
     summary: dict[str, Any] = {
+        "protocol": protocol,
         "items": {s.task: s.counts() for s in token_sets},
         "n_items": sum(s.n_items for s in token_sets),
         "n_single_token_items": sum(len(s.items) for s in token_sets),
         "n_pairs": succession.n_pairs,
         "best_head": head_name(*best),
         "best_score": float(scores[best]),
+        "chance": succession.chance,
+        "task_chance": succession.task_chance,
+        **_null_summary(float(scores[best]), null),
+        "median_score": float(np.median(scores)),
         "n_flagged": int((scores > threshold).sum()),
+        "top_heads": [
+            {
+                "head": head_name(*h),
+                "score": float(scores[h]),
+                "task_accuracy": succession.task_accuracy(*h),
+                "mod10": None if mod10 is None else float(mod10.scores[h]),
+            }
+            for h in succession.top_heads(REPORTED_HEADS)
+        ],
     }
+    summary["mod10"] = {"single_token_digits": n_digits, "chance": 0.1}
+    if mod10 is not None:
+        best_mod10 = mod10.top_heads(1)[0]
+        null_mod10 = mod10.null_best_scores(NULL_DRAWS, seed)
+        summary["mod10"].update(
+            n_pairs=mod10.n_pairs,
+            chance=mod10.chance,
+            best_head=head_name(*best_mod10),
+            best_score=float(mod10.scores[best_mod10]),
+            **_null_summary(float(mod10.scores[best_mod10]), null_mod10),
+            top_successor_head=float(mod10.scores[best]),
+            predictions_top_successor_head=[
+                mod10.token_sets[0].items[i] for i in mod10.predictions["digits_mod10"][best]
+            ],
+        )
     copying = succession.copy_scores
     best_copy = np.unravel_index(int(np.argmax(copying)), copying.shape)
     summary["best_copy_head"] = head_name(*map(int, best_copy))
@@ -545,7 +742,13 @@ def detect_successor_heads(
             summary.update(check.summary())
         else:
             summary["behaviour_prompts"] = 0  # no task has four consecutive single-token items
-    effective = "W_E[t] + MLP0(W_E[t])" if include_residual else "MLP0(W_E[t])"
+    effective = {
+        "headscope": "MLP0(pre_mlp_norm(W_E[t]))",
+        "gould2023": "MLP0(W_E[t])",
+        "layer0": "resid_post_0([t])",
+    }[protocol]
+    if include_residual:
+        effective = f"W_E[t] + {effective}"
     return HeadTable.from_matrix(
         scores,
         scores > threshold,
@@ -553,6 +756,8 @@ def detect_successor_heads(
         prompt_set="ordinal",
         params={
             **params,
+            "protocol_note": PROTOCOLS[protocol],
+            "final_norm_applied": _resolve_final_norm(final_norm, protocol),
             "tasks": list(tasks) if tasks is not None else None,
             "effective_embedding": effective,
             "score": "fraction of successor pairs whose successor tops the task's OV logits",
@@ -560,6 +765,3 @@ def detect_successor_heads(
         summary=summary,
         description=f"successor heads: effective OV of {effective} maps ordinals to successors",
     )
-
-
-#: detect_successor_heads's parameters and defaults (from its signature, so they cannot drift)

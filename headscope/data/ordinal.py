@@ -71,6 +71,8 @@ ORDINAL_TASKS: tuple[OrdinalTask, ...] = (
     OrdinalTask("month_abbreviations", tuple(m[:3] for m in _MONTHS), cyclic=True),
     OrdinalTask("letters", tuple(chr(ord("A") + i) for i in range(26)), cyclic=False),
 )
+#: the digits as a cyclic task (9 -> 0): the successor heads' mod-10 check, scored apart
+MOD10_TASK = OrdinalTask("digits_mod10", tuple("0123456789"), cyclic=True)
 TASKS_BY_NAME: dict[str, OrdinalTask] = {task.name: task for task in ORDINAL_TASKS}
 
 

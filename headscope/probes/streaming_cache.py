@@ -23,8 +23,9 @@ same code, so the three perplexities differ only in what each query sees.
 
 Memory is linear in T: the cache runs take one block of queries against the
 cache's keys at a time, and full attention is torch's causal SDPA (a flash
-kernel on CPU too, with no mask tensor): no T x T tensor exists. ``sink_attention`` accumulates, per layer and head, the
-attention the queries from ``count_from`` on give to the sink keys.
+kernel on CPU too, with no mask tensor): no T x T tensor exists.
+``sink_attention`` accumulates, per layer and head, the attention the
+queries from ``count_from`` on give to the sink keys.
 
 Supported: models whose attention modules apply RoPE with Hugging Face's
 ``rotate_half`` convention (Llama, Gemma 3, Qwen, Mistral) and route through

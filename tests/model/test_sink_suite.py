@@ -1,10 +1,10 @@
 """The whole sink suite on SmolLM2-135M-Instruct, at the default sizes the README reports.
 
 One scan (about 90 s on 2 CPU cores) runs every sink detector but the opt-in
-long-context one on the five default prompt sets plus the two experiments; each test checks one published
-effect, with the margin it reproduces by on this model (README, "Attention
-sinks"). An effect that did not reproduce is not asserted here: the README says
-so instead.
+long-context one on the five default prompt sets plus the two experiments;
+each test checks one published effect, with the margin it reproduces by on
+this model (README, "The sink suite"). An effect that did not reproduce is
+not asserted here: the README says so instead.
 """
 
 from __future__ import annotations

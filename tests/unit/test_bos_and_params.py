@@ -77,7 +77,7 @@ def test_old_runs_say_the_choice_was_not_recorded():
     [
         (["first_token_sink.epsilon=0.2"], {"first_token_sink": {"epsilon": 0.2}}),
         (["a.b=true", "a.c=x y"], {"a": {"b": True, "c": "x y"}}),
-        (["a.b=[1, 2]", "c.d=\"7\""], {"a": {"b": [1, 2]}, "c": {"d": "7"}}),
+        (["a.b=[1, 2]", 'c.d="7"'], {"a": {"b": [1, 2]}, "c": {"d": "7"}}),
     ],
 )
 def test_parse_detector_params(given, expected):

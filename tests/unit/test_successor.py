@@ -24,6 +24,7 @@ from headscope.analyses.successor import (
     continuation_prompts,
     detect_successor_heads,
     effective_embeddings,
+    mod10_token_set,
     ordinal_token_sets,
     random_head_draws,
     succession_scores,
@@ -344,3 +345,160 @@ def test_a_planted_copying_head_has_the_top_copy_score_and_no_succession():
     result = succession_scores(handle, [numbers])
     others = np.delete(result.copy_scores.ravel(), 1 * 4 + 2)
     assert others.max() < 0.5
+
+
+# ------------------------------------------------ protocols, chance, null, mod-10
+
+
+@torch.no_grad()
+def _plant_on(handle, layer: int, head: int, effective: torch.Tensor, successors, *, normed: bool):
+    """Set (layer, head)'s W_O so that the rows ``effective`` (read through the
+    layer's input norm if ``normed``) write their successors' unembedding rows."""
+    block = handle.model.model.layers[layer]
+    read = block.input_layernorm(effective) if normed else effective
+    kv = head // handle.arch.gqa_group_size
+    values = read @ block.self_attn.v_proj.weight[kv * 16 : (kv + 1) * 16].T
+    targets = handle.model.lm_head.weight[successors]
+    w_o = torch.linalg.lstsq(values.double(), targets.double()).solution
+    block.self_attn.o_proj.weight[:, head * 16 : (head + 1) * 16] = w_o.T.float()
+
+
+def _pairs(token_sets):
+    pairs = [(s.token_ids[a], s.token_ids[b]) for s in token_sets for a, b in s.pairs]
+    return [a for a, _ in pairs], [b for _, b in pairs]
+
+
+@torch.no_grad()
+def _randomize_norms(handle, seed: int = 0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for name, weight in handle.model.named_parameters():
+        if "norm" in name:
+            weight.copy_(torch.randn(weight.shape, generator=generator))
+
+
+def test_gould2023_uses_no_norm_anywhere(tiny_llama):
+    handle = load_model("tiny:llama")
+    _randomize_norms(handle)
+    model = handle.model.model
+    ids = [20, 36, 500]
+    with torch.no_grad():
+        raw = model.layers[0].mlp(model.embed_tokens.weight[ids])
+        torch.testing.assert_close(effective_embeddings(handle, ids, protocol="gould2023"), raw)
+        with_we = effective_embeddings(handle, ids, protocol="gould2023", include_residual=True)
+        torch.testing.assert_close(with_we, raw + model.embed_tokens.weight[ids])
+        token_sets = ordinal_token_sets(handle.tokenizer)
+        result = succession_scores(handle, token_sets, protocol="gould2023")
+        layer, head = 1, 3
+        kv = head // handle.arch.gqa_group_size
+        block = model.layers[layer]
+        w_v = block.self_attn.v_proj.weight[kv * 16 : (kv + 1) * 16]
+        w_o = block.self_attn.o_proj.weight[:, head * 16 : (head + 1) * 16]
+        for token_set in result.token_sets:
+            e = model.layers[0].mlp(model.embed_tokens.weight[list(token_set.token_ids)])
+            logits = e @ w_v.T @ w_o.T @ handle.model.lm_head.weight[list(token_set.token_ids)].T
+            mine = result.predictions[token_set.task][layer, head]
+            np.testing.assert_array_equal(mine, logits.argmax(-1).numpy())
+        # the final norm is the protocol's choice unless asked for: with it, other winners
+        normed = succession_scores(handle, token_sets, protocol="gould2023", final_norm=True)
+        assert any(
+            (normed.predictions[t] != result.predictions[t]).any() for t in result.predictions
+        )
+
+
+def test_layer0_protocol_is_the_residual_after_layer_0_on_the_token_alone():
+    handle = load_model("tiny:llama")
+    _randomize_norms(handle)
+    model = handle.model.model
+    ids = [20, 36, 500]
+    with torch.no_grad():
+        x = model.embed_tokens.weight[ids]
+        first = model.layers[0]
+        values = first.self_attn.v_proj(first.input_layernorm(x))  # [token, n_kv * 16]
+        group = handle.arch.gqa_group_size  # a lone token attends only to itself
+        heads = values.view(len(ids), -1, 16).repeat_interleave(group, dim=1).flatten(1)
+        middle = x + first.self_attn.o_proj(heads)
+        expected = middle + first.mlp(first.post_attention_layernorm(middle))
+        got = effective_embeddings(handle, ids, protocol="layer0")
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, effective_embeddings(handle, ids, include_residual=True))
+    with pytest.raises(HeadscopeError, match="already includes W_E"):
+        effective_embeddings(handle, ids, protocol="layer0", include_residual=True)
+    for spec in ("tiny:gpt2", "tiny:gemma3"):  # runs through the model's own forward
+        other = load_model(spec)
+        out = effective_embeddings(other, ids, protocol="layer0")
+        assert out.shape == (3, other.arch.d_model) and torch.isfinite(out).all()
+
+
+def test_unknown_protocol_is_refused_listing_the_choices(tiny_llama):
+    with pytest.raises(HeadscopeError, match="headscope, gould2023, layer0"):
+        detect_successor_heads(tiny_llama, protocol="gould", behaviour=False)
+    with pytest.raises(HeadscopeError, match="unknown successor protocol"):
+        succession_scores(tiny_llama, ordinal_token_sets(tiny_llama.tokenizer), protocol="x")
+
+
+@pytest.mark.parametrize("protocol", ["headscope", "gould2023", "layer0"])
+def test_a_head_planted_for_each_protocol_ranks_first_under_it(protocol):
+    handle = fresh_tiny_llama()
+    token_sets = ordinal_token_sets(handle.tokenizer, PLANTED_TASKS)
+    sources, successors = _pairs(token_sets)
+    with torch.no_grad():
+        model = handle.model.model
+        embedded = model.embed_tokens.weight[sources]
+        if protocol == "gould2023":
+            effective = model.layers[0].mlp(embedded)
+        elif protocol == "headscope":
+            effective = model.layers[0].mlp(model.layers[0].post_attention_layernorm(embedded))
+        else:
+            captured = model(torch.tensor(sources)[:, None], output_hidden_states=True)
+            effective = captured.hidden_states[1][:, 0]
+    _plant_on(handle, *PLANTED_HEAD, effective, successors, normed=protocol != "gould2023")
+    table = detect_successor_heads(handle, tasks=PLANTED_TASKS, behaviour=False, protocol=protocol)
+    scores = table.matrix()
+    assert table.summary["best_head"] == "L1H2" and scores[PLANTED_HEAD] >= 0.9
+    assert table.params["protocol"] == protocol
+    assert table.params["protocol_note"] and table.summary["protocol"] == protocol
+    assert table.params["final_norm_applied"] == (protocol != "gould2023")
+    # the best head of the relabelled null is far below the planted head
+    assert table.summary["null_best_score_q95"] < scores[PLANTED_HEAD] - 0.4
+    assert table.summary["null_p"] == pytest.approx(1 / 201)  # no relabelling does as well
+    top = table.summary["top_heads"][0]
+    assert top["head"] == "L1H2"
+    assert top["task_accuracy"] == {"numbers": 1.0, "number_words": 1.0}
+
+
+def test_chance_levels_and_the_relabelled_null(planted):
+    result = succession_scores(planted, ordinal_token_sets(planted.tokenizer, PLANTED_TASKS))
+    sizes = {s.task: len(s.items) for s in result.token_sets}
+    assert sizes == {"numbers": 9, "number_words": 2}
+    assert result.task_chance == {"numbers": 1 / 9, "number_words": 1 / 2}
+    assert result.chance == pytest.approx((8 / 9 + 1 / 2) / 9)  # 8 pairs at 1/9, 1 at 1/2
+    null = result.null_best_scores(30, seed=1)
+    assert null.shape == (30,) and (null >= 0).all() and (null <= 1).all()
+    np.testing.assert_array_equal(null, result.null_best_scores(30, seed=1))  # seeded
+    assert null.mean() < 0.6 < result.scores[PLANTED_HEAD]
+
+
+def test_mod10_check_finds_a_planted_digit_successor_and_scores_the_wrap():
+    handle = fresh_tiny_llama()
+    digits = mod10_token_set(handle.tokenizer)
+    assert digits.items == tuple("0123456789") and digits.cyclic
+    assert (9, 0) in digits.pairs and len(digits.pairs) == 10  # 9 -> 0 mod 10
+    sources, successors = _pairs([digits])
+    with torch.no_grad():
+        first = handle.model.model.layers[0]
+        embedded = handle.model.model.embed_tokens.weight[sources]
+        effective = first.mlp(first.post_attention_layernorm(embedded))
+    _plant_on(handle, *PLANTED_HEAD, effective, successors, normed=True)
+    table = detect_successor_heads(handle, behaviour=False)
+    mod10 = table.summary["mod10"]
+    assert mod10["single_token_digits"] == 10 and mod10["n_pairs"] == 10
+    assert mod10["chance"] == pytest.approx(0.1)
+    assert mod10["best_head"] == "L1H2" and mod10["best_score"] == 1.0
+    assert mod10["null_best_score_q95"] < 0.7 and mod10["null_p"] < 0.01
+    evidence = table.frame["evidence"][PLANTED_HEAD[0] * 4 + PLANTED_HEAD[1]]
+    assert evidence["mod10"] == 1.0
+    # a head that maps 9 to itself (no wrap) fails that one pair: 9 of 10
+    wrapless = [s if s != successors[-1] else sources[-1] for s in successors]
+    _plant_on(handle, *PLANTED_HEAD, effective, wrapless, normed=True)
+    again = detect_successor_heads(handle, behaviour=False).summary["mod10"]
+    assert again["best_head"] == "L1H2" and again["best_score"] == pytest.approx(0.9)
