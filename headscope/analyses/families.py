@@ -39,7 +39,7 @@ Protocols (``protocol``; both are ours, no paper defines head families):
   |r| >= ``BLOCK_R`` (0.7) on average; (3) *equal weights*: each z-scored
   column is divided by sqrt(its block's size), so every block has the same
   total variance, whatever the number of columns that measure it.
-- ``"all"``: headscope before issue 15: every column z-scored and weighted
+- ``"all"``: headscope's earlier protocol: every column z-scored and weighted
   equally, duplicates kept (the 43-column set of the README's first result).
 
 k-means (``n_init=10``, ``random_state=seed``) runs for k in
@@ -116,7 +116,7 @@ PROTOCOLS = {
         "headscope (default): near-duplicate columns dropped (|r| >= 0.98), correlated "
         "columns grouped into blocks (|r| >= 0.7), every block weighted equally"
     ),
-    "all": "headscope before issue 15: every column z-scored and weighted equally",
+    "all": "headscope's earlier protocol: every column z-scored and weighted equally",
 }
 #: |Pearson r| from which a column duplicates one already kept ("blocks")
 DUPLICATE_R = 0.98

@@ -112,14 +112,17 @@ def detect_hidden_sinks(
         found[tuple(index)] = True
         return found
 
+    rows_by_protocol = {
+        name: _sink_rows(stats, candidates, name, threshold, min_viewers) for name in PROTOCOLS
+    }
     by_protocol = {}
-    for name in PROTOCOLS:  # every protocol's counts, for the report to set side by side
-        found = prompts_with_sinks(_sink_rows(stats, candidates, name, threshold, min_viewers))
+    for name, found_rows in rows_by_protocol.items():  # every protocol's counts, side by side
+        found = prompts_with_sinks(found_rows)
         by_protocol[name] = {
             "n_heads_flagged": int((found.mean(0) >= min_fraction).sum()),
             "n_heads_with_any_hidden_sink": int(found.any(0).sum()),
         }
-    rows = _sink_rows(stats, candidates, protocol, threshold, min_viewers)
+    rows = rows_by_protocol[protocol]
     has_sink = prompts_with_sinks(rows)
     layer, head = rows[:, _COLUMN["layer"]].astype(int), rows[:, _COLUMN["head"]].astype(int)
     fraction = has_sink.mean(0)

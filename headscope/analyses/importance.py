@@ -246,6 +246,9 @@ class _BlockReplay:
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[None]:
+        """Record this batch's block outputs (the previous batch's are dropped first)."""
+        self.outputs = [None] * len(self.blocks)
+
         def keep(layer: int) -> Callable:
             def hook(_module, _inputs, output) -> None:
                 self.outputs[layer] = output
@@ -359,7 +362,6 @@ def prompt_ablation_deltas(
                     losses = _prompt_losses(handle, batch).double().cpu()
                 delta[batch.indices, layer, head] = losses - base_losses
                 advance(len(batch.lengths))
-            replayer.outputs = [None] * arch.n_layers
     return delta, base
 
 

@@ -217,11 +217,7 @@ def _attention_with_stats(
         output = output.transpose(1, 2).contiguous()
     if session.accumulator is not None:
         session.accumulator.add_attention(
-            layer,
-            stats,
-            value_norms=value.detach().float().norm(dim=-1),
-            output_norms=output.detach().float().norm(dim=-1).transpose(1, 2),
-            head_outputs=output.detach(),
+            layer, stats, value_norms=value.detach().float().norm(dim=-1), head_outputs=output
         )
     if session.cross_layer is not None:
         session.cross_layer.add(
@@ -231,24 +227,26 @@ def _attention_with_stats(
     return output, None
 
 
-def _register_attention() -> None:
+@contextlib.contextmanager
+def using_attention(handle: ModelHandle, name: str, function: Callable) -> Iterator[None]:
+    """Scoped: the HF module runs ``function`` (registered with transformers'
+    ``AttentionInterface`` as ``name``) as its attention inside, its own outside."""
     from transformers import AttentionInterface
 
-    if ATTENTION_NAME not in AttentionInterface._global_mapping:
-        AttentionInterface.register(ATTENTION_NAME, _attention_with_stats)
-
-
-@contextlib.contextmanager
-def streaming_attention(handle: ModelHandle) -> Iterator[None]:
-    """Scoped: the HF module uses our attention function inside, its own outside."""
-    _register_attention()
+    if name not in AttentionInterface._global_mapping:
+        AttentionInterface.register(name, function)
     model = handle.model
     previous = model.config._attn_implementation
-    model.set_attn_implementation(ATTENTION_NAME)
+    model.set_attn_implementation(name)
     try:
         yield
     finally:
         model.set_attn_implementation(previous)
+
+
+def streaming_attention(handle: ModelHandle) -> contextlib.AbstractContextManager[None]:
+    """Scoped: the HF module uses the probe's attention function inside, its own outside."""
+    return using_attention(handle, ATTENTION_NAME, _attention_with_stats)
 
 
 class StreamingAccumulator:
@@ -260,6 +258,7 @@ class StreamingAccumulator:
             self.sites = block_sites(handle.model, handle.arch)
         except HeadscopeError:
             self.sites = None
+        self.grams: dict[int, Tensor] = {}  # layer -> [H, d_head, d_head], made on first use
         self.length = 0
         self.sums: dict[str, Tensor] = {}
         self.alpha: dict[int, Tensor] = {}
@@ -307,10 +306,13 @@ class StreamingAccumulator:
         stats,
         *,
         value_norms: Tensor,
-        output_norms: Tensor,
-        head_outputs: Tensor | None = None,
+        head_outputs: Tensor,
     ) -> None:
+        """One layer's statistics; ``head_outputs`` [b, T, H, d_head] are the heads'
+        outputs z_h before W_O (their norms, and after W_O where it is found)."""
         arch, valid = self.arch, self.valid
+        head_outputs = head_outputs.detach().float()
+        output_norms = head_outputs.norm(dim=-1).transpose(1, 2)  # [b, H, T]
         heads = (arch.n_layers, arch.n_heads)
         row_valid = valid[:, None]  # [b, 1, T]
         for name in PROFILE_FIELDS:
@@ -329,18 +331,21 @@ class StreamingAccumulator:
         self._add("value_norm", (arch.n_layers, arch.n_kv_heads), layer, values)
         self._add_hidden_sink_candidates(layer, alpha)
 
-    def _norm_after_wo(self, layer: int, head_outputs: Tensor | None) -> Tensor | None:
+    def _norm_after_wo(self, layer: int, z: Tensor) -> Tensor | None:
         """‖z_h W_O^h‖ per prompt, head and query [b, H, T] (float64, CPU), or None.
 
         From the Gram matrix G_h = W_O^h W_O^h^T [d_head, d_head]: ‖z W_O^h‖² =
-        z G_h z^T, so the [.., d_model] per-head outputs are never formed."""
-        if head_outputs is None or self.sites is None:
+        z G_h z^T, so the [.., d_model] per-head outputs are never formed. The
+        Gram matrices are made once per layer (weights do not change during a probe)."""
+        if self.sites is None:
             return None
-        arch = self.arch
-        sites = self.sites[layer]
-        weights = torch.stack([head_output_weight(sites, h, arch) for h in range(arch.n_heads)])
-        z = head_outputs.float()  # [b, T, H, d_head]
-        gram = (weights.float() @ weights.float().transpose(1, 2)).to(z.device)  # [H, dh, dh]
+        gram = self.grams.get(layer)
+        if gram is None:
+            arch, sites = self.arch, self.sites[layer]
+            weights = torch.stack(
+                [head_output_weight(sites, h, arch) for h in range(arch.n_heads)]
+            ).float()
+            gram = self.grams[layer] = (weights @ weights.transpose(1, 2)).to(z.device)
         squared = (torch.einsum("bthd,hde->bthe", z, gram) * z).sum(-1).transpose(1, 2)
         return squared.clamp(min=0.0).sqrt().to(torch.float64).cpu()
 

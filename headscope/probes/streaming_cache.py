@@ -45,6 +45,7 @@ from torch import Tensor
 
 from headscope.errors import HeadscopeError, NotApplicable
 from headscope.probes.handle import ModelHandle
+from headscope.probes.streaming import using_attention
 
 ATTENTION_NAME = "headscope_streaming_cache"
 #: queries per block: bounds the scores to block x (window or T) per head
@@ -209,10 +210,6 @@ def streaming_cache(
     handle: ModelHandle, view: CacheView, *, count_from: int = 0
 ) -> Iterator[_Session]:
     """Scoped: the model attends as ``view`` says; yields the session (sink attention)."""
-    from transformers import AttentionInterface
-
-    if ATTENTION_NAME not in AttentionInterface._global_mapping:
-        AttentionInterface.register(ATTENTION_NAME, _cache_attention)
     session = _Session(
         view=view,
         inv_freq=_rotary_inv_freq(handle),
@@ -220,15 +217,12 @@ def streaming_cache(
         n_heads=handle.arch.n_heads,
         count_from=count_from,
     )
-    model = handle.model
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(ATTENTION_NAME)
     token = _ACTIVE.set(session)
     try:
-        yield session
+        with using_attention(handle, ATTENTION_NAME, _cache_attention):
+            yield session
     finally:
         _ACTIVE.reset(token)
-        model.set_attn_implementation(previous)
     if len(session.layers_seen) not in (0, handle.arch.n_layers):
         raise NotApplicable(
             f"the cache attention ran for {len(session.layers_seen)} of "

@@ -3,7 +3,7 @@
 The paper's protocol (``sun2024``, the default) and headscope's earlier pooled
 one pick the same layer here (11, where dims 507 and 247 appear at the first
 token); on this model both reproduce the paper: the mean keeps held-out
-perplexity and zero breaks the model (README, "Attention sinks").
+perplexity and zero breaks the model (README, "Massive-activation intervention").
 """
 
 from __future__ import annotations
