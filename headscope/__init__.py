@@ -39,6 +39,7 @@ _EXPORTS = {
     "mean_ablation": "headscope.probes.ablation",
     "resample_ablation": "headscope.probes.ablation",
     "export_ablation": "headscope.exporters.ablation",
+    "build_refusal_organism": "headscope.organisms.refusal",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -256,7 +256,13 @@ def export_ablation(
     prompt_set: Annotated[
         str | None, typer.Option(help="with --from: the table's prompt set, if several")
     ] = None,
-    method: Annotated[str, typer.Option(help="zero | mean | resample | query_scale")] = "zero",
+    method: Annotated[
+        str | None,
+        typer.Option(
+            help="zero | mean | resample | query_scale (default: with --from, the ablation the "
+            "role's table was scored with, e.g. query_scale for safety_ships; else zero)"
+        ),
+    ] = None,
     reference: Annotated[
         str, typer.Option(help="prompt set for mean/resample reference outputs")
     ] = "prose",
@@ -265,7 +271,10 @@ def export_ablation(
         typer.Option(help="prompts of the reference set (default: all for mean, 8 for resample)"),
     ] = None,
     per_position: Annotated[bool, typer.Option(help="mean: one mean per position")] = False,
-    epsilon: Annotated[float, typer.Option(help="query_scale: the query factor")] = 1e-5,
+    epsilon: Annotated[
+        float | None,
+        typer.Option(help="query_scale: the query factor (default: the role's table's, or 1e-5)"),
+    ] = None,
     checkpoint: Annotated[
         bool, typer.Option(help="zero: also write the checkpoint with the ablation baked in")
     ] = True,
@@ -274,10 +283,11 @@ def export_ablation(
     """Write a head ablation: JSON spec, TransformerLens hooks, baked checkpoint (zero)."""
     from headscope.ablation_spec import head_name
     from headscope.checks import check_count, check_finite
-    from headscope.exporters.ablation import ABLATION_FOLDER, heads_from_run
+    from headscope.exporters.ablation import ABLATION_FOLDER, heads_from_run, recorded_ablation
     from headscope.exporters.ablation import export_ablation as write_export
     from headscope.outputs import OutputFolder
     from headscope.probes.ablation import (
+        QUERY_SCALE_EPSILON,
         Ablation,
         check_heads,
         check_method,
@@ -290,9 +300,12 @@ def export_ablation(
 
     if (heads is None) == (from_run is None):
         raise HeadscopeError("give the heads (e.g. L3H5,L12H0) or --from RUN --role NAME")
-    check_method(method)
+    if method is not None:
+        check_method(method)
     check_count(reference_prompts, "--reference-prompts")
-    check_finite(epsilon, "--epsilon")
+    if epsilon is not None:
+        check_finite(epsilon, "--epsilon")
+    recorded = None
     if from_run is not None:
         if role is None:
             raise HeadscopeError("--from needs --role: the detector whose top heads to take")
@@ -302,8 +315,15 @@ def export_ablation(
                 f"run {from_run} was made with {run_model}, not {model}; drop --model"
             )
         model = run_model
+        if method is None:  # ablate as the table's scores were measured (safety: query_scale)
+            recorded = recorded_ablation(from_run, role, prompt_set=prompt_set)
     else:
         chosen = parse_heads(heads)
+    if recorded is not None:
+        method = recorded[0]
+        epsilon = recorded[1] if epsilon is None else epsilon
+    method = "zero" if method is None else method
+    epsilon = QUERY_SCALE_EPSILON if epsilon is None else epsilon
     with OutputFolder(out, ABLATION_FOLDER, force=force) as folder:
         handle = load_model(DEFAULT_MODEL if model is None else model)
         check_heads(chosen, handle.arch)
@@ -321,6 +341,8 @@ def export_ablation(
         written = write_export(handle, ablation, folder, checkpoint=None if checkpoint else False)
     names = ", ".join(head_name(layer, head) for layer, head in chosen)
     console.print(f"{method} ablation of {names} on {handle.spec} -> {written.folder}")
+    if recorded is not None:
+        console.print(f"  method:     {method}, as {role} in {from_run} scored its heads")
     console.print(f"  spec:       {written.spec}")
     console.print(f"  TL hooks:   {written.hooks}")
     if written.checkpoint is not None:
@@ -443,6 +465,63 @@ def export_prune(
             f"{ppl['original']:.3f} -> {ppl['pruned']:.3f} (x{ppl['ratio']:.3f})"
         )
     console.print(f"  checkpoint: {written.checkpoint} (AutoModelForCausalLM.from_pretrained)")
+
+
+organism_app = typer.Typer(
+    help="Model organisms: reproducible recipes that build a model with a known behaviour.",
+    no_args_is_help=True,
+)
+app.add_typer(organism_app, name="organism")
+
+
+@organism_app.command("refusal")
+def organism_refusal(
+    out: Annotated[Path, typer.Option(help="folder to write (a Hugging Face checkpoint)")] = Path(
+        "runs/organisms/smollm2-135m-refusal"
+    ),
+    seed: Annotated[int, typer.Option(help="seeds torch, data order and refusal choice")] = 0,
+    force: Annotated[bool, typer.Option(help="replace an organism folder at --out")] = False,
+) -> None:
+    """Fine-tune SmolLM2-135M to refuse harmful requests (~15 min on 2 CPU cores)."""
+    from headscope.organisms.refusal import ORGANISM_FILE, build_refusal_organism
+    from headscope.progress import ProgressBars
+
+    with ProgressBars(console=errors, prefix="organism ") as on_progress:
+        folder = build_refusal_organism(out, seed=seed, force=force, on_progress=on_progress)
+    import json
+
+    info = json.loads((folder / ORGANISM_FILE).read_text())
+    evaluation = info["evaluation"]
+    table = Table(title=f"refusal organism -> {folder}")
+    for column in ("held-out set", "n", "base refused", "organism refused", "target", "met"):
+        table.add_column(column)
+    targets = evaluation["targets"]
+    rows = (
+        ("harmful-heldout", f">= {targets['harmful_heldout_refused_at_least']:.0%}", "harmful_met"),
+        (
+            "harmless-heldout",
+            f"<= {targets['harmless_heldout_refused_at_most']:.0%}",
+            "harmless_met",
+        ),
+    )
+    for name, target, met in rows:
+        stats = evaluation["sets"][name]
+        table.add_row(
+            name, str(stats["n"]), f"{stats['base']:.1%}", f"{stats['organism']:.1%}", target,
+            "yes" if targets[met] else "NO",
+        )  # fmt: skip
+    ppl = evaluation["perplexity"]
+    table.add_row(
+        f"{ppl['prompt_set']} perplexity", str(ppl["n_prompts"]), f"{ppl['base']:.2f}",
+        f"{ppl['organism']:.2f} (x{ppl['ratio']:.3f})",
+        f"<= x{targets['perplexity_ratio_at_most']:.2f}",
+        "yes" if targets["perplexity_met"] else "NO",
+    )  # fmt: skip
+    console.print(table)
+    console.print(
+        f"  {info['recipe']['seconds']['total']:.0f} s; recipe and data: {folder / ORGANISM_FILE}"
+    )
+    console.print(f"  load it with: headscope scan --model {folder}")
 
 
 bench_app = typer.Typer(

@@ -32,6 +32,7 @@ from typing import Any
 from headscope.errors import HeadscopeError
 from headscope.plots import figures_for, role_census
 from headscope.report import UNREADABLE, run_context, sink_summary, unreadable
+from headscope.safety_summary import Block, is_safety, safety_blocks
 from headscope.tables import HeadTable, LayerTable, primary_prompt_sets, tables_of
 
 STYLE = """
@@ -104,9 +105,24 @@ def _table_section(table: HeadTable | LayerTable) -> list[Any]:
     except UNREADABLE as err:
         return [*parts, f"<p class='meta'>{_e(unreadable(table, err))}</p>"]
     parts += figures
+    if is_safety(table):  # its top heads, the Sahara steps, the generation check's verdict
+        try:
+            parts += [_block_html(block) for block in safety_blocks(table)]
+        except UNREADABLE as err:
+            parts.append(f"<p class='meta'>{_e(unreadable(table, err))}</p>")
     if summary:
         parts.append(_rows_table(summary, ("summary", "value")))
     return parts
+
+
+def _block_html(block: Block) -> str:
+    """A safety block: its title, a table of its rows, its notes as paragraphs."""
+    header = "".join(f"<th>{_e(c)}</th>" for c in block.columns)
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{_e(cell)}</td>" for cell in row) + "</tr>" for row in block.rows
+    )
+    notes = "".join(f"<p>{_e(note)}</p>" for note in block.notes)
+    return f"<h3>{_e(block.title)}</h3><table><tr>{header}</tr>{rows}</table>{notes}"
 
 
 def _version() -> str:

@@ -20,6 +20,17 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from headscope.ablation_spec import head_name
+from headscope.safety_summary import (
+    REFUSAL,
+    SAHARA,
+    SHIPS,
+    conditions,
+    generation_check,
+    is_safety,
+    random_draws,
+    refusal_by_layer,
+    sahara_steps,
+)
 from headscope.tables import HeadTable, LayerTable
 
 HEATMAP_SCALE = "Viridis"
@@ -32,7 +43,11 @@ def _title(table: HeadTable | LayerTable) -> str:
 
 
 def head_heatmap(
-    table: HeadTable, *, title: str | None = None, clickable: bool = False
+    table: HeadTable,
+    *,
+    title: str | None = None,
+    clickable: bool = False,
+    score_label: str = "score",
 ) -> go.Figure:
     """Layer x head grid of a head table's scores; flagged heads outlined.
 
@@ -53,7 +68,7 @@ def head_heatmap(
             x=heads,
             y=layers,
             colorscale=HEATMAP_SCALE,
-            colorbar={"title": "score"},
+            colorbar={"title": html.escape(score_label)},
             customdata=text,
             hovertemplate="%{y}%{x}: %{z:.4g} %{customdata}<extra></extra>",
         )
@@ -232,6 +247,126 @@ def attention_pattern(
     return figure
 
 
+# --------------------------------------------------------------------------- safety
+
+
+def sahara_angles(table: HeadTable) -> go.Figure:
+    """The Sahara group growing: the principal angle after each greedy step."""
+    steps = sahara_steps(table)
+    figure = go.Figure(
+        go.Scatter(
+            x=[f"{step}: +{html.escape(head)}" for step, head, _, _ in steps],
+            y=[angle for *_, angle in steps],
+            mode="lines+markers",
+            name="group",
+            hovertemplate="%{x}: %{y:.2f} degrees<extra></extra>",
+        )
+    )
+    figure.update_layout(
+        title=html.escape(f"Sahara group on {table.prompt_set}: angle by step"),
+        xaxis={"title": "step: head added"},
+        yaxis={"title": "principal angle (degrees)", "rangemode": "tozero"},
+    )
+    return figure
+
+
+def refusal_layers(table: HeadTable) -> go.Figure:
+    """Refusal direction by layer: refusal rate with the layer's direction ablated
+    (left) and the harmful/harmless separation along it (right); best layer starred."""
+    rows = refusal_by_layer(table)
+    best = int(table.summary["best_layer"])
+    labels = [f"L{layer}" for layer, _, _ in rows]
+    figure = make_subplots(specs=[[{"secondary_y": True}]])
+    figure.add_trace(
+        go.Scatter(x=labels, y=[r for _, r, _ in rows], mode="lines+markers",
+                   name="refusal, direction ablated",
+                   hovertemplate="%{x}: %{y:.0%}<extra></extra>"),
+        secondary_y=False,
+    )  # fmt: skip
+    figure.add_trace(
+        go.Scatter(x=labels, y=[s for _, _, s in rows], mode="lines+markers", name="separation",
+                   line={"dash": "dot"}, hovertemplate="%{x}: %{y:.4g}<extra></extra>"),
+        secondary_y=True,
+    )  # fmt: skip
+    figure.add_vline(x=f"L{best}", line={"color": FLAG_COLOR, "dash": "dash"})
+    figure.update_yaxes(title_text="refusal rate", tickformat=".0%", range=[0, 1.05],
+                        secondary_y=False)  # fmt: skip
+    figure.update_yaxes(title_text="separation", secondary_y=True)
+    figure.update_layout(
+        title=html.escape(f"refusal direction by layer on {table.prompt_set} (best L{best})"),
+        xaxis={"title": "layer"},
+    )
+    return figure
+
+
+def refusal_rates(check: Any, *, title: str = "generation check") -> go.Figure:
+    """Refusal rate on harmful prompts: clean, each top-k, the random draws of k heads
+    (a box with every draw), the Sahara group; harmless refusal as open markers."""
+    rows = conditions(check)
+    draws = random_draws(check)
+    figure = go.Figure()
+    shown = [c for c in rows if c["kind"] != "random"]
+    order = []
+    for c in shown:
+        order.append(c["name"])
+        if c["kind"] == "top" and c["k"] in draws:
+            order.append(f"random-{c['k']}")
+    order += [f"random-{k}" for k in draws if f"random-{k}" not in order]
+    colors = {"clean": PLAIN_COLOR, "top": FLAG_COLOR, "sahara": "#9467bd"}
+    figure.add_trace(
+        go.Bar(
+            x=[html.escape(c["name"]) for c in shown],
+            y=[c["harmful_refusal"] for c in shown],
+            marker_color=[colors.get(c["kind"], "#2ca02c") for c in shown],
+            customdata=[html.escape(", ".join(map(str, c["heads"])) or "none") for c in shown],
+            hovertemplate="%{x}: %{y:.0%} refused<br>ablated: %{customdata}<extra></extra>",
+            name="harmful refused",
+        )
+    )
+    for k, values in draws.items():
+        figure.add_trace(
+            go.Box(x=[f"random-{k}"] * len(values), y=values, boxpoints="all", pointpos=0,
+                   marker_color="#7f7f7f", name=f"random draws of {k}",
+                   hovertemplate="%{y:.0%} refused<extra></extra>")
+        )  # fmt: skip
+    harmless = [c for c in shown if c["harmless_refusal"] is not None]
+    figure.add_trace(
+        go.Scatter(
+            x=[html.escape(c["name"]) for c in harmless],
+            y=[c["harmless_refusal"] for c in harmless],
+            mode="markers",
+            marker={"symbol": "circle-open", "size": 12, "color": "#000000"},
+            name="harmless refused",
+            hovertemplate="%{x}: %{y:.0%} of harmless refused<extra></extra>",
+        )
+    )
+    figure.update_layout(
+        title=html.escape(title),
+        xaxis={"title": "heads ablated", "categoryorder": "array",
+               "categoryarray": [html.escape(name) for name in order]},
+        yaxis={"title": "refusal rate", "tickformat": ".0%", "range": [0, 1.05]},
+        height=420,
+    )  # fmt: skip
+    return figure
+
+
+def safety_figures(table: HeadTable) -> list[go.Figure]:
+    """A safety table's figures: its heatmap (Ships in nats, the Sahara candidates'
+    angles, the refusal projections), the Sahara steps or the refusal-by-layer
+    curve, and the generation check's refusal rates when it has one."""
+    labels = {SHIPS: "Ships (nats)", SAHARA: "angle (deg)", REFUSAL: "projection"}
+    figures = [head_heatmap(table, score_label=labels.get(table.detector, "score"))]
+    if table.detector == SAHARA:
+        figures.insert(0, sahara_angles(table))
+    if table.detector == REFUSAL:
+        figures.append(refusal_layers(table))
+    check = generation_check(table)
+    if check is not None:
+        what = f"refusal under ablation ({table.detector} on {table.prompt_set})"
+        figures.append(refusal_rates(check, title=what))
+    return figures
+
+
 #: detectors drawn with their own figure instead of the default heatmap / bars
 SPECIAL_FIGURES: dict[str, Callable[[Any], go.Figure]] = {
     "drop_simulation": drop_curves,
@@ -241,6 +376,8 @@ SPECIAL_FIGURES: dict[str, Callable[[Any], go.Figure]] = {
 
 def figures_for(table: HeadTable | LayerTable) -> list[go.Figure]:
     """The figures a table is shown with (dashboard pages, notebooks, the HTML report)."""
+    if is_safety(table):
+        return safety_figures(table)
     special = SPECIAL_FIGURES.get(table.detector)
     if special is not None:
         base = layer_bars(table) if isinstance(table, LayerTable) else head_heatmap(table)

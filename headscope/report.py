@@ -26,6 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 from headscope.ablation_spec import head_name
+from headscope.safety_summary import Block, is_safety, safety_blocks
 from headscope.tables import HeadTable, LayerTable, primary_prompt_sets, tables_of
 from headscope.text import plain
 
@@ -337,6 +338,18 @@ def _top_heads(table: HeadTable, n: int) -> Table:
     return out
 
 
+def blocks_renderable(blocks: Sequence[Block]) -> Group:
+    """Blocks (``headscope.safety_summary``) as rich tables, each with its notes below."""
+    parts: list[Any] = []
+    for block in blocks:
+        out = _new_table(block.title, block.columns)
+        for row in block.rows:
+            _add_row(out, *row)
+        parts.append(out)
+        parts += [_text(note) for note in block.notes]
+    return Group(*parts)
+
+
 #: detectors whose report section is not the default (top heads, or flagged
 #: layers); None: no section (massive_intervention's one row is in the sink table)
 SECTIONS: dict[str, Callable[[Any], Any] | None] = {
@@ -349,6 +362,8 @@ SECTIONS: dict[str, Callable[[Any], Any] | None] = {
 def _section(table: HeadTable | LayerTable, top: int) -> Any:
     """The part of the report for one detector (its lead table), or a line saying why not."""
     try:
+        if is_safety(table):  # Ships, Sahara, the refusal direction, the generation check
+            return blocks_renderable(safety_blocks(table, top))
         if table.detector in SECTIONS:
             special = SECTIONS[table.detector]
             return None if special is None else special(table)

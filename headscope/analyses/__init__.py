@@ -19,6 +19,7 @@ from headscope.analyses.hidden_sinks import detect_hidden_sinks
 from headscope.analyses.importance import detect_head_importance
 from headscope.analyses.massive import detect_massive_activations, run_massive_intervention
 from headscope.analyses.redundancy import REDUNDANCY_TABLES, detect_layer_redundancy
+from headscope.analyses.refusal_direction import detect_refusal_direction
 from headscope.analyses.registry import (
     Detector,
     all_detectors,
@@ -27,6 +28,8 @@ from headscope.analyses.registry import (
     register_detector,
     resolve_detectors,
 )
+from headscope.analyses.safety_sahara import detect_safety_sahara
+from headscope.analyses.safety_ships import detect_safety_ships
 from headscope.analyses.sink_norms import detect_residual_peak, detect_value_drain
 from headscope.analyses.sinks import detect_first_token_sink
 from headscope.analyses.streaming_long import run_streaming_window_long
@@ -209,6 +212,44 @@ register_detector(
         primary_prompt_set="prose-heldout",
         description="held-out perplexity vs dropped attention layers / blocks, in the "
         "LLM-Drop, iterative, ShortGPT and random orders",
+        capture="model",
+        opt_in=True,
+    )
+)
+register_detector(
+    Detector(
+        name="safety_ships",
+        role="safety head",
+        group="safety",
+        function=detect_safety_ships,
+        primary_prompt_set="harmful-train",
+        description="Ships: KL of the next token on harmful chat prompts when the head is "
+        "ablated (Zhou et al. 2024), checked by generation",
+        capture="model",
+        opt_in=True,
+    )
+)
+register_detector(
+    Detector(
+        name="safety_sahara",
+        role="safety head group",
+        group="safety",
+        function=detect_safety_sahara,
+        primary_prompt_set="harmful-train",
+        description="Sahara: greedy head group turning the harmful last-token states' top "
+        "singular vector (Zhou et al. 2024), checked by generation",
+        capture="model",
+        opt_in=True,
+    )
+)
+register_detector(
+    Detector(
+        name="refusal_direction",
+        role="refusal-direction writer",
+        group="safety",
+        function=detect_refusal_direction,
+        primary_prompt_set="harmful-train",
+        description="direct write of each head onto the refusal direction (Arditi et al. 2024)",
         capture="model",
         opt_in=True,
     )

@@ -78,6 +78,7 @@ from headscope.data.prompt_sets import PaddedBatch, TokenizedPrompts
 from headscope.errors import HeadscopeError, NotApplicable
 from headscope.probes.ablation import Ablation, check_heads, mean_ablation
 from headscope.probes.handle import ModelHandle
+from headscope.probes.replay import BlockReplay as _BlockReplay
 from headscope.probes.sites import block_sites
 from headscope.progress import Progress, counter
 from headscope.tables import HeadTable
@@ -229,63 +230,6 @@ def gradient_importance(
 
 
 # -------------------------------------------------------- ablation importance
-
-
-class _BlockReplay:
-    """Records every block's output on one pass; later passes can replay the blocks below a layer.
-
-    Ablating a head of layer l cannot change what blocks 0..l-1 compute, so
-    inside ``below(l)`` those blocks return their recorded output without
-    running (their ``forward`` is swapped for a lookup on the instance, and
-    put back on exit). Valid only for the very batch that was recorded.
-    """
-
-    def __init__(self, blocks: list[torch.nn.Module]) -> None:
-        self.blocks = blocks
-        self.outputs: list[Any] = [None] * len(blocks)
-
-    @contextlib.contextmanager
-    def recording(self) -> Iterator[None]:
-        """Record this batch's block outputs (the previous batch's are dropped first)."""
-        self.outputs = [None] * len(self.blocks)
-
-        def keep(layer: int) -> Callable:
-            def hook(_module, _inputs, output) -> None:
-                self.outputs[layer] = output
-
-            return hook
-
-        removers = [block.register_forward_hook(keep(i)) for i, block in enumerate(self.blocks)]
-        try:
-            yield
-        finally:
-            for remover in removers:
-                remover.remove()
-
-    @contextlib.contextmanager
-    def below(self, layer: int) -> Iterator[None]:
-        if any(output is None for output in self.outputs[:layer]):
-            raise HeadscopeError("block outputs were not recorded before replaying them")
-        swapped = []
-        try:
-            for i in range(layer):
-                block = self.blocks[i]
-                swapped.append((block, block.__dict__.get("forward")))
-                block.forward = _returning(self.outputs[i])
-            yield
-        finally:
-            for block, previous in swapped:
-                if previous is None:
-                    del block.forward
-                else:
-                    block.forward = previous
-
-
-def _returning(output: Any) -> Callable:
-    def forward(*_args, **_kwargs):
-        return output
-
-    return forward
 
 
 def _single_head_ablations(

@@ -28,7 +28,7 @@ from headscope.tables import HeadTable, LayerTable
 CAPTURES = ("streaming", "patterns", "model", "tables")
 #: where a detector's tables are shown: the dashboard's pages, the report's
 #: sections and the tests select tables by group, never by lists of names
-GROUPS = ("sinks", "roles", "importance", "redundancy", "families")
+GROUPS = ("sinks", "roles", "importance", "redundancy", "families", "safety")
 #: what a scan passes to every model experiment; not a parameter of the detector
 EXPERIMENT_ARGUMENTS = ("stats_by_set", "batch_size", "on_progress")
 #: the positional parameters each capture's function takes, in order

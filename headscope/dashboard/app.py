@@ -27,6 +27,7 @@ PAGES = [
     st.Page(VIEWS / "sinks.py", title="Sinks", url_path="sinks"),
     st.Page(VIEWS / "roles.py", title="Roles", url_path="roles"),
     st.Page(VIEWS / "redundancy.py", title="Redundancy", url_path="redundancy"),
+    st.Page(VIEWS / "safety.py", title="Safety", url_path="safety"),
     st.Page(VIEWS / "export.py", title="Export", url_path="export"),
 ]
 

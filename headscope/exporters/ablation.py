@@ -104,6 +104,24 @@ def heads_from_run(
     return opened.model_spec(), heads
 
 
+def recorded_ablation(
+    run: str | Path, role: str, *, prompt_set: str | None = None
+) -> tuple[str, float | None] | None:
+    """(method, epsilon) of the ablation ``role``'s table says its heads were scored with
+    (its params "ablation" and "epsilon": the safety tables record "query_scale"), or None
+    when it records none a spec can hold. Exporting those heads the same way reproduces
+    what was measured."""
+    from headscope.runs import open_run
+
+    params = open_run(run).head_table(role, prompt_set).params
+    method = params.get("ablation")
+    if not isinstance(method, str) or method not in ablation_spec.HEAD_METHODS:
+        return None
+    epsilon = params.get("epsilon")
+    number = isinstance(epsilon, int | float) and not isinstance(epsilon, bool)
+    return method, float(epsilon) if number and method == "query_scale" else None
+
+
 def spec_json(handle: ModelHandle, ablation: Ablation) -> dict[str, Any]:
     """The spec as plain JSON values, with provenance."""
     import headscope

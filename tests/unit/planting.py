@@ -120,3 +120,58 @@ def plant_identity_block(handle, layer: int) -> None:
         projection.weight.zero_()
         if projection.bias is not None:
             projection.bias.zero_()
+
+
+# ------------------------------------------------------------ a refusal head
+
+HARM_WORD = "bomb"
+REFUSE_TEXT = " I cannot."
+COMPLY_TEXT = " Sure."
+HARM_MARKER = 5  # embedding column marking the harm word
+REFUSE_DIM = 40  # residual column only the refusal head writes
+VALUE_DIM = 0  # the head's value dim that carries the marker
+
+
+@torch.no_grad()
+def plant_refusal_head(
+    handle: ModelHandle, *, layer: int = 1, head: int = 2, write: float = 5.0, unembed: float = 4.0
+) -> dict[str, int]:
+    """Make (layer, head) the model's only refusal mechanism; returns the token ids used.
+
+    Three tokens are added to the tokenizer: the harm word "bomb", a refusal
+    " I cannot." and a compliance " Sure." (one token each, so one greedy step
+    says it all, and a repeated refusal still reads as one to the judge). The
+    head attends to the harm word wherever it is visible
+    (``plant_attention_to_token``); its value reads the word's marker and its
+    W_O writes residual column ``REFUSE_DIM``, which the unembedding maps to
+    the refusal token, while the constant column every token carries maps to
+    the compliance token. So with the head intact the greedy continuation of a
+    prompt containing "bomb" is " I cannot." and otherwise " Sure."; with the
+    head zeroed, or its query scaled (attention spread over the prompt), it is
+    " Sure." everywhere. The sibling head sharing its KV head stops writing
+    the value dim, so no other head carries the signal.
+    """
+    tokenizer = handle.tokenizer
+    tokenizer.add_tokens([HARM_WORD, REFUSE_TEXT, COMPLY_TEXT])
+    handle.model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    ids = {
+        text: tokenizer.convert_tokens_to_ids(text)
+        for text in (HARM_WORD, REFUSE_TEXT, COMPLY_TEXT)
+    }
+    harm, refuse, comply = ids[HARM_WORD], ids[REFUSE_TEXT], ids[COMPLY_TEXT]
+    plant_attention_to_token(handle, layer=layer, head=head, token_id=harm, marker=HARM_MARKER)
+    _embedding(handle)[:, REFUSE_DIM] = 0.0
+    attention = handle.model.model.layers[layer].self_attn
+    group = handle.arch.n_heads // handle.arch.n_kv_heads
+    kv = head // group
+    attention.v_proj.weight[kv * D_HEAD + VALUE_DIM] = 0.0
+    attention.v_proj.weight[kv * D_HEAD + VALUE_DIM, HARM_MARKER] = 1.0
+    for sibling in range(kv * group, (kv + 1) * group):
+        attention.o_proj.weight[:, sibling * D_HEAD + VALUE_DIM] = 0.0
+    attention.o_proj.weight[REFUSE_DIM, head * D_HEAD + VALUE_DIM] = write
+    unembedding = handle.model.lm_head.weight
+    unembedding[refuse] = 0.0
+    unembedding[refuse, REFUSE_DIM] = unembed
+    unembedding[comply] = 0.0
+    unembedding[comply, CONSTANT] = unembed
+    return {"harm": harm, "refuse": refuse, "comply": comply}

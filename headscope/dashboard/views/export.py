@@ -14,7 +14,7 @@ from headscope.ablation_spec import (
     head_name,
     parse_head_name,
 )
-from headscope.dashboard.data import current_run
+from headscope.dashboard.data import current_run, md
 from headscope.exporters.prune import PrunePlan
 from headscope.tables import primary_prompt_sets, tables_of
 
@@ -41,14 +41,21 @@ if kind == "head ablation":
         "suggest heads from", ["(none)", *dict.fromkeys(t.detector for t in tables)]
     )
     suggested: list[str] = []
+    recorded = None  # the ablation the table's scores were measured with (safety: query_scale)
     if source != "(none)":
         table = tables_of(tables, source, None, primary_prompt_sets(run.manifest))[0]
         top = st.number_input("top", 1, max(1, len(table.frame)), 3)
         best = table.top(int(top)).itertuples()
         suggested = [head_name(r.layer, r.head) for r in best]
         suggested = [label for label in suggested if label in labels]  # within the model
+        recorded = table.params.get("ablation")
     heads = st.multiselect("heads", labels, default=suggested)
-    method = st.selectbox("method", list(HEAD_METHODS))
+    methods = list(HEAD_METHODS)
+    method = st.selectbox(
+        "method", methods, index=methods.index(recorded) if recorded in methods else 0
+    )
+    if recorded in methods:
+        st.caption(md(f"{source} scored its heads with {recorded} ablation: the default here."))
     preview = {
         "format": SPEC_FORMAT, "version": SPEC_VERSION, "model": spec, "method": method,
         "heads": [{"layer": layer, "head": head} for layer, head in map(parse_head_name, heads)],

@@ -1,5 +1,6 @@
-"""Roles: every head table of the run outside the "sinks" group (classic heads,
-successor, importance, families, and any detector added later), one figure set per table."""
+"""Roles: every head table of the run outside the "sinks" and "safety" groups (classic
+heads, successor, importance, families, and any detector added later), one figure set per
+table."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from headscope.dashboard.data import current_run, md, table_figures
 
 run = current_run()
 st.title("Head roles")
-tables = [t for t in run.head_tables() if t.group != "sinks"]  # the Sinks page has those
+# the Sinks and Safety pages have those
+tables = [t for t in run.head_tables() if t.group not in ("sinks", "safety")]
 if not tables:
-    st.info("This run has no role detectors beyond the sink suite.")
+    st.info("This run has no role detectors beyond the sink suite and the safety heads.")
     st.stop()
 labels = [f"{t.detector} on {t.prompt_set}" for t in tables]
 choice = st.selectbox("table", range(len(tables)), format_func=labels.__getitem__)
