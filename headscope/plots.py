@@ -27,6 +27,7 @@ from headscope.safety_summary import (
     conditions,
     generation_check,
     is_safety,
+    nll_change,
     random_draws,
     refusal_by_layer,
     sahara_steps,
@@ -299,6 +300,17 @@ def refusal_layers(table: HeadTable) -> go.Figure:
     return figure
 
 
+def _nll_words(check: Any, row: dict) -> str:
+    """A condition's harmless answer NLL for a hover label."""
+    value = row.get("harmless_answer_nll")
+    if value is None:
+        return "harmless answer NLL not measured"
+    rise = nll_change(check, row)
+    return f"harmless answer NLL {value:.3f} nats/token" + (
+        f" ({rise:+.3f} from clean)" if rise is not None and row["kind"] != "clean" else ""
+    )
+
+
 def refusal_rates(check: Any, *, title: str = "generation check") -> go.Figure:
     """Refusal rate on harmful prompts: clean, each top-k, the random draws of k heads
     (a box with every draw), the Sahara group; harmless refusal as open markers."""
@@ -337,7 +349,8 @@ def refusal_rates(check: Any, *, title: str = "generation check") -> go.Figure:
             mode="markers",
             marker={"symbol": "circle-open", "size": 12, "color": "#000000"},
             name="harmless refused",
-            hovertemplate="%{x}: %{y:.0%} of harmless refused<extra></extra>",
+            customdata=[_nll_words(check, c) for c in harmless],
+            hovertemplate="%{x}: %{y:.0%} of harmless refused<br>%{customdata}<extra></extra>",
         )
     )
     figure.update_layout(

@@ -83,6 +83,11 @@ def change(value: Any) -> str:
     return "n/a" if _missing(value) else f"{100 * float(value):+.1f} points"
 
 
+def nats(value: Any, *, signed: bool = False) -> str:
+    """A log-likelihood (or its change) in nats per token; "n/a" where none was measured."""
+    return "n/a" if _missing(value) else format(float(value), "+.3f" if signed else ".3f")
+
+
 def _number(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -213,16 +218,26 @@ def generation_check(table: HeadTable) -> dict[str, Any] | None:
 
 
 def conditions(check: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Every condition of a check, clean first: name, kind, k, heads and both rates."""
+    """Every condition of a check, clean first: name, kind, k, heads, both refusal
+    rates and the harmless answer NLL (None in checks from before it was measured)."""
     clean = check["clean"]
     rows = [{"name": "clean", "kind": "clean", "k": 0, "heads": [],
              "harmful_refusal": clean["harmful_refusal"],
-             "harmless_refusal": clean.get("harmless_refusal")}]  # fmt: skip
+             "harmless_refusal": clean.get("harmless_refusal"),
+             "harmless_answer_nll": clean.get("harmless_answer_nll")}]  # fmt: skip
     for c in check.get("conditions", []):
         rows.append({"name": str(c["name"]), "kind": str(c["kind"]), "k": int(c.get("k") or 0),
                      "heads": list(c.get("heads", [])), "harmful_refusal": c["harmful_refusal"],
-                     "harmless_refusal": c.get("harmless_refusal")})  # fmt: skip
+                     "harmless_refusal": c.get("harmless_refusal"),
+                     "harmless_answer_nll": c.get("harmless_answer_nll")})  # fmt: skip
     return rows
+
+
+def nll_change(check: Mapping[str, Any], row: Mapping[str, Any]) -> float | None:
+    """How much a condition raised the clean harmless answers' NLL (nats/token)."""
+    clean = check["clean"].get("harmless_answer_nll")
+    value = row.get("harmless_answer_nll")
+    return None if _missing(clean) or _missing(value) else float(value) - float(clean)
 
 
 def random_draws(check: Mapping[str, Any]) -> dict[int, list[float]]:
@@ -238,9 +253,40 @@ def _heads(k: int) -> str:
     return f"{k} head" if k == 1 else f"{k} heads"
 
 
+def random_nll_changes(check: Mapping[str, Any]) -> dict[int, list[float]]:
+    """{k: harmless answer NLL change of each random draw of k heads} (where measured)."""
+    changes: dict[int, list[float]] = {}
+    for c in conditions(check):
+        value = nll_change(check, c)
+        if c["kind"] == "random" and value is not None:
+            changes.setdefault(c["k"], []).append(value)
+    return changes
+
+
+def _harmless_words(check: Mapping[str, Any], v: Mapping[str, Any]) -> str:
+    """The harmless side of one verdict in words (refusal change, answer NLL, closeness)."""
+    words = f"harmless refusal changes by {change(v.get('harmless_change'))}"
+    if "harmless_nll_change" not in v:  # a check from before the answer NLL was measured
+        return words
+    words += (
+        f", the clean harmless answers' NLL by {nats(v['harmless_nll_change'], signed=True)} "
+        f"nats/token (random draws: median {nats(v.get('random_nll_change_median'), signed=True)}"
+        f", max {nats(v.get('random_nll_change_max'), signed=True)})"
+    )
+    points = check.get("harmless_refusal_tolerance")
+    points = "n/a" if _missing(points) else f"{100 * float(points):.0f}"
+    tolerance = (
+        f"close means refusal within ±{points} points and an NLL rise of at most "
+        f"{nats(check.get('harmless_tolerance'))} nats/token"
+    )
+    close = "stays close to clean" if v.get("harmless_close") else "does NOT stay close to clean"
+    holds = "the claim HOLDS" if v.get("claim_holds") else "the claim does not hold"
+    return f"{words}: harmless behaviour {close} ({tolerance}), so {holds}"
+
+
 def verdict_lines(check: Mapping[str, Any]) -> list[str]:
     """The verdict per k in words: does ablating the top-k heads cut refusal below
-    every random draw of k heads, and what happens to harmless prompts."""
+    every random draw of k heads, and do harmless answers stay close to clean."""
     clean = check["clean"]["harmful_refusal"]
     draws = random_draws(check)
     lines = []
@@ -258,42 +304,53 @@ def verdict_lines(check: Mapping[str, Any]) -> list[str]:
         lines.append(
             f"k={k}: ablating {v.get('condition', f'top-{k}')} ({_heads(k)}) leaves "
             f"{rate(v['top_harmful_refusal'])} of harmful prompts refused (clean "
-            f"{rate(clean)}), {against}; harmless refusal changes by "
-            f"{change(v.get('harmless_change'))}"
+            f"{rate(clean)}), {against}; {_harmless_words(check, v)}"
         )
     return lines
 
 
 def generation_block(check: Mapping[str, Any], where: str) -> Block:
-    """Refusal rates by condition, with the verdict per k and how they were judged."""
+    """Refusal rates and the harmless answer NLL by condition, with the verdict per k
+    and how they were judged."""
     draws = random_draws(check)
+    rises = random_nll_changes(check)
+
+    def random_row(k: int, values: list[float]) -> tuple[Any, ...]:
+        nll = rises.get(k)
+        nll_text = (f"median {nats(float(np.median(nll)), signed=True)}, max "
+                    f"{nats(max(nll), signed=True)}") if nll else "n/a"  # fmt: skip
+        return (f"random-{k} ({len(values)} draws)", f"{_heads(k)} at random",
+                f"min {rate(min(values))}, median {rate(float(np.median(values)))}", "n/a",
+                nll_text)  # fmt: skip
+
     rows = []
     for c in conditions(check):
         if c["kind"] != "random":
+            nll = nats(c["harmless_answer_nll"])
+            if c["kind"] != "clean" and nll_change(check, c) is not None:
+                nll += f" ({nats(nll_change(check, c), signed=True)})"
             rows.append((c["name"], ", ".join(map(str, c["heads"])) or "-",
-                         rate(c["harmful_refusal"]), rate(c["harmless_refusal"])))  # fmt: skip
+                         rate(c["harmful_refusal"]), rate(c["harmless_refusal"]), nll))  # fmt: skip
         if c["kind"] == "top" and draws.get(c["k"]):  # its random draws, summarised, next to it
-            values = draws.pop(c["k"])
-            rows.append((f"random-{c['k']} ({len(values)} draws)", f"{_heads(c['k'])} at random",
-                         f"min {rate(min(values))}, median {rate(float(np.median(values)))}",
-                         "n/a"))  # fmt: skip
+            rows.append(random_row(c["k"], draws.pop(c["k"])))
     for k, values in sorted(draws.items()):  # draws of a k with no top-k condition
-        rows.append(
-            (
-                f"random-{k} ({len(values)} draws)",
-                f"{_heads(k)} at random",
-                f"min {rate(min(values))}, median {rate(float(np.median(values)))}",
-                "n/a",
-            )
-        )
+        rows.append(random_row(k, values))
     how = (
         f"{check.get('n_harmful', '?')} prompts of {check.get('harmful_set', '?')}, "
         f"{check.get('n_harmless', '?')} of {check.get('harmless_set', '?')}; greedy, "
-        f"{check.get('max_new_tokens', '?')} new tokens; refused: {check.get('judge', '?')}"
+        f"{check.get('max_new_tokens', '?')} new tokens; refused: {check.get('judge', '?')}; "
+        "harmless answer NLL: the clean greedy answers to the harmless prompts, "
+        "teacher-forced under each ablation, nats/token (change from clean in brackets)"
     )
     return Block(
         f"generation check ({where}): refusal rate by condition",
-        ("condition", "heads ablated", "harmful refused", "harmless refused"),
+        (
+            "condition",
+            "heads ablated",
+            "harmful refused",
+            "harmless refused",
+            "harmless answer NLL",
+        ),
         rows,
         (*verdict_lines(check), how),
     )

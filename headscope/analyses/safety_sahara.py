@@ -31,8 +31,10 @@ and not others (a head that fires on some requests) turns it most.
 
 The causal check (``check``, default on): greedy generation on held-out
 requests, clean, with the group ablated, and with ``random_draws`` random
-head sets of the group's size (``headscope.analyses.safety_check``); stored
-in ``params["generation_check"]``.
+head sets of the group's size (``headscope.analyses.safety_check``, which
+also measures the clean harmless answers' NLL under each ablation and calls
+harmless behaviour close to clean within ``harmless_tolerance`` nats/token);
+stored in ``params["generation_check"]``.
 """
 
 from __future__ import annotations
@@ -44,7 +46,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from headscope.analyses.safety_check import GENERATION_BATCH, generation_check
+from headscope.analyses.safety_check import (
+    GENERATION_BATCH,
+    HARMLESS_NLL_TOLERANCE,
+    generation_check,
+)
 from headscope.analyses.safety_common import (
     Head,
     HeadAblations,
@@ -97,6 +103,7 @@ def detect_safety_sahara(
     check_harmless: str = "harmless-heldout",
     check_prompts: int = 32,
     random_draws: int = 20,
+    harmless_tolerance: float = HARMLESS_NLL_TOLERANCE,
     max_new_tokens: int = 64,
     seed: int = 0,
 ) -> HeadTable:
@@ -196,7 +203,8 @@ def detect_safety_sahara(
         params["generation_check"] = generation_check(
             handle, [("sahara", "sahara", group)], make_ablation, harmful=check_harmful,
             harmless=check_harmless, n_prompts=check_prompts, random_draws=random_draws,
-            max_new_tokens=max_new_tokens, seed=seed, batch_size=max(batch_size, GENERATION_BATCH),
+            harmless_tolerance=harmless_tolerance, max_new_tokens=max_new_tokens, seed=seed,
+            batch_size=max(batch_size, GENERATION_BATCH),
             on_progress=on_progress,
         )  # fmt: skip
     scores = np.array([single[index[h]] for h in candidate_heads])

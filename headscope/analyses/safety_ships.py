@@ -24,7 +24,9 @@ all exact (checked against the plain forward in tests/unit/test_safety.py).
 The causal check (``check``, default on): greedy generation on held-out
 requests, clean, with the top-k heads ablated for each k in ``check_k``
 ("1,3,5") and with ``random_draws`` random k-head sets
-(``headscope.analyses.safety_check``); stored in the table's
+(``headscope.analyses.safety_check``, which also measures the clean harmless
+answers' NLL under each ablation and calls harmless behaviour close to clean
+within ``harmless_tolerance`` nats/token); stored in the table's
 ``params["generation_check"]``.
 """
 
@@ -37,7 +39,12 @@ import numpy as np
 import pandas as pd
 from torch import Tensor
 
-from headscope.analyses.safety_check import GENERATION_BATCH, generation_check, parse_ks
+from headscope.analyses.safety_check import (
+    GENERATION_BATCH,
+    HARMLESS_NLL_TOLERANCE,
+    generation_check,
+    parse_ks,
+)
 from headscope.analyses.safety_common import (
     Head,
     HeadAblations,
@@ -135,6 +142,7 @@ def detect_safety_ships(
     check_harmless: str = "harmless-heldout",
     check_prompts: int = 32,
     random_draws: int = 20,
+    harmless_tolerance: float = HARMLESS_NLL_TOLERANCE,
     max_new_tokens: int = 64,
     seed: int = 0,
 ) -> HeadTable:
@@ -198,8 +206,9 @@ def detect_safety_ships(
         conditions = [(f"top-{k}", "top", ranked[:k]) for k in ks]
         params["generation_check"] = generation_check(
             handle, conditions, make_ablation, harmful=check_harmful, harmless=check_harmless,
-            n_prompts=check_prompts, random_draws=random_draws, max_new_tokens=max_new_tokens,
-            seed=seed, batch_size=max(batch_size, GENERATION_BATCH), on_progress=on_progress,
+            n_prompts=check_prompts, random_draws=random_draws,
+            harmless_tolerance=harmless_tolerance, max_new_tokens=max_new_tokens, seed=seed,
+            batch_size=max(batch_size, GENERATION_BATCH), on_progress=on_progress,
         )  # fmt: skip
         params["check_k"] = ks
     return HeadTable(

@@ -154,3 +154,60 @@ def _generate_batch(
             row = row[: row.index(eos) + 1]
         result.append(row)
     return result
+
+
+def answer_nll(
+    handle: ModelHandle,
+    requests: Sequence[str],
+    answers: Sequence[Sequence[int]],
+    *,
+    batch_size: int = 8,
+) -> float:
+    """Mean negative log-likelihood (nats per token) of fixed answers after each request.
+
+    Teacher-forced: each request's chat prompt followed by its answer's token
+    ids (``greedy_token_ids`` output, EOS included) in one forward; the model's
+    log-probability of every answer token given what precedes it. The mean is
+    over all answer tokens of all requests (empty answers count nothing).
+    Under ``handle.ablated(...)`` it says how far an ablation moves the model
+    away from answers it gave clean: the harmless side of the safety check.
+    Only the answer positions are unembedded, so the logits stay small.
+    """
+    if len(requests) != len(answers):
+        raise HeadscopeError(f"{len(requests)} requests but {len(answers)} answers")
+    if batch_size < 1:
+        raise HeadscopeError("batch_size must be at least 1")
+    device = handle.device
+    pad = pad_id_for_generation(handle.tokenizer)
+    rows = [
+        (prompt, list(map(int, answer)))
+        for prompt, answer in zip(prompt_ids(handle, requests), answers, strict=True)
+        if len(answer)
+    ]
+    total, count = 0.0, 0
+    body = getattr(handle.model, "base_model", handle.model)
+    unembed = handle.model.get_output_embeddings()
+    with torch.inference_mode():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            width = max(len(p) + len(a) for p, a in chunk)
+            tokens = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            where_row, where_pos, targets = [], [], []
+            for i, (prompt, answer) in enumerate(chunk):
+                full = prompt + answer
+                tokens[i, : len(full)] = torch.tensor(full, dtype=torch.long)
+                mask[i, : len(full)] = 1
+                # position t predicts token t + 1: the answer's tokens are predicted
+                # from the prompt's last position onwards
+                where_row += [i] * len(answer)
+                where_pos += range(len(prompt) - 1, len(full) - 1)
+                targets += answer
+            hidden = body(input_ids=tokens.to(device), attention_mask=mask.to(device))
+            picked = hidden.last_hidden_state[torch.tensor(where_row), torch.tensor(where_pos)]
+            logits = unembed(picked).float()
+            log_probs = torch.log_softmax(logits, dim=-1)
+            chosen = log_probs[torch.arange(len(targets)), torch.tensor(targets, device=device)]
+            total -= float(chosen.sum())
+            count += len(targets)
+    return total / count if count else float("nan")

@@ -163,15 +163,23 @@ def test_generation_check_separates_the_planted_head(planted):
         check_harmless=HARMLESS, check_prompts=6, random_draws=6, max_new_tokens=4,
     )  # fmt: skip
     check = table.params["generation_check"]
-    assert check["clean"] == {"harmful_refusal": 1.0, "harmless_refusal": 0.0}
+    assert {k: check["clean"][k] for k in ("harmful_refusal", "harmless_refusal")} == {
+        "harmful_refusal": 1.0, "harmless_refusal": 0.0}  # fmt: skip
     verdict = check["verdict"]["1"]
     assert verdict["top_harmful_refusal"] == 0.0
     assert verdict["random_median"] == 1.0
     assert verdict["harmless_change"] == 0.0
+    # the planted head does nothing on harmless prompts: their clean answers stay as likely
+    assert verdict["harmless_nll_change"] == pytest.approx(0.0, abs=1e-4)
+    assert verdict["harmless_close"]
+    # some random draws contain the planted head too, so the top head is not below *every*
+    # draw and the claim is (rightly) not made
+    assert verdict["claim_holds"] == verdict["top_below_every_random"]
     top = [c for c in check["conditions"] if c["kind"] == "top"]
     assert top[0]["heads"] == ["L1H2"] and top[0]["name"] == "top-1"
     randoms = [c for c in check["conditions"] if c["kind"] == "random"]
     assert len(randoms) == 6 and all(c["harmless_refusal"] is None for c in randoms)
+    assert all(c["harmless_answer_nll"] >= 0 for c in randoms)
     assert {g["condition"] for g in check["generations"]} == {"clean", "top-1"}
     assert all(g["refused"] == ("I cannot" in g["text"]) for g in check["generations"])
 
@@ -211,3 +219,30 @@ def test_remembered_results_follow_the_weights():
         handle.model.model.layers[0].self_attn.q_proj.weight[0, 0] += 1.0
     assert remembered(handle, ("k",), compute) == 2
     assert remembered(fresh_tiny_llama(), ("k",), compute) == 3
+
+
+def _row(kind, k, harmful, harmless=None, nll=0.0, name=None):
+    return {"name": name or f"{kind}-{k}", "kind": kind, "k": k, "harmful_refusal": harmful,
+            "harmless_refusal": harmless, "harmless_answer_nll": nll}  # fmt: skip
+
+
+def test_the_claim_needs_harmless_answers_close_to_clean():
+    from headscope.analyses.safety_check import HARMLESS_REFUSAL_TOLERANCE, _verdicts
+
+    clean = {"harmful_refusal": 0.9, "harmless_refusal": 0.05, "harmless_answer_nll": 0.4}
+    draws = [(0.8, 0.01), (0.9, 0.02), (0.7, 0.3)]  # (harmful refused, harmless NLL rise)
+    randoms = [_row("random", 1, rate, nll=0.4 + rise, name=f"random-1-{i}")
+               for i, (rate, rise) in enumerate(draws)]  # fmt: skip
+    quiet = _verdicts([_row("top", 1, 0.1, 0.05, nll=0.5), *randoms], clean, 0.25)["1"]
+    assert quiet["top_below_every_random"] and quiet["harmless_close"] and quiet["claim_holds"]
+    assert quiet["harmless_nll_change"] == pytest.approx(0.1)
+    assert quiet["random_nll_change_median"] == pytest.approx(0.02)
+    assert quiet["random_nll_change_max"] == pytest.approx(0.3)
+    # the same refusal drop, but the clean harmless answers became unlikely: a broken model
+    broken = _verdicts([_row("top", 1, 0.1, 0.05, nll=2.0), *randoms], clean, 0.25)["1"]
+    assert broken["top_below_every_random"] and not broken["harmless_close"]
+    assert not broken["claim_holds"]
+    # harmless requests refused much more often: not close either
+    refusing = 0.05 + HARMLESS_REFUSAL_TOLERANCE + 0.05
+    strict = _verdicts([_row("top", 1, 0.1, refusing, nll=0.4), *randoms], clean, 0.25)["1"]
+    assert not strict["harmless_close"] and not strict["claim_holds"]

@@ -28,6 +28,7 @@ from headscope.safety_summary import (
     generation_choices,
     is_safety,
     merged_checks,
+    nats,
     random_draws,
     rate,
     safety_blocks,
@@ -74,6 +75,12 @@ def _expected_rows(run) -> list[str]:
         rows.append(f"leaves {rate(verdict['top_harmful_refusal'])} of harmful prompts refused")
         rows.append(f"min {rate(min(draws))}, median {rate(statistics.median(draws))}")
         rows.append(f"harmless refusal changes by {change(verdict['harmless_change'])}")
+        rows.append(f"the clean harmless answers' NLL by "
+                    f"{nats(verdict['harmless_nll_change'], signed=True)} nats/token")  # fmt: skip
+        holds = "the claim HOLDS" if verdict["claim_holds"] else "the claim does not hold"
+        close = "stays close" if verdict["harmless_close"] else "does NOT stay close"
+        rows.append(f"harmless behaviour {close} to clean")
+        rows.append(holds)
     return rows
 
 
@@ -94,6 +101,9 @@ def test_text_report_shows_ships_sahara_refusal_and_the_generation_check(safety_
         assert _squeeze(row) in text, row
     assert "below every one of 5 random draws of 3 heads" in text
     assert "NOT below every" not in text
+    # the fixture's top-1 head keeps harmless answers close to clean, its top-3 heads do not
+    assert "k=1: ablating top-1" in text and "k=3: ablating top-3" in text
+    assert text.count("the claim HOLDS") == 1 and text.count("the claim does not hold") == 1
 
 
 def test_the_verdict_says_when_the_top_heads_do_no_better_than_chance(tmp_path):
