@@ -22,7 +22,8 @@ remaining candidate jointly with the chosen heads. Cost in ablated passes:
 n_heads + (N − 1) + ... + (N − group_size + 1); for SmolLM2-135M (270 heads)
 with the defaults 270 + 31 + 30 = 331, with ``candidates=0`` 270 + 269 + 268.
 Each pass is a ``LastPositionSweep`` pass (shared prefix, block replay below
-the lowest ablated layer, exact).
+the lowest ablated layer, exact; ``precision="bfloat16"`` trades exactness for
+speed as in Ships, and only a Ships table of the same precision is reused).
 
 Note: with H as N × d, u lives in prompt space: it says how strongly each
 prompt loads on H's dominant direction, so a head whose ablation moves every
@@ -98,6 +99,7 @@ def detect_safety_sahara(
     ablation: str = "query_scale",
     group_size: int = 3,
     candidates: int = 32,
+    precision: str = "float32",
     check: bool = True,
     check_harmful: str = "harmful-heldout",
     check_harmless: str = "harmless-heldout",
@@ -133,7 +135,9 @@ def detect_safety_sahara(
         raise HeadscopeError("Sahara needs at least 2 harmful prompts (an N × d matrix, N ≥ 2)")
     token_ids = chat_token_ids(handle, requests)
     make_ablation = HeadAblations(handle, ablation, token_ids, batch_size=SWEEP_BATCH)
-    sweep = LastPositionSweep(handle, token_ids, batch_size=SWEEP_BATCH, max_tokens=SWEEP_TOKENS)
+    sweep = LastPositionSweep(
+        handle, token_ids, batch_size=SWEEP_BATCH, max_tokens=SWEEP_TOKENS, precision=precision
+    )
     clean = sweep.clean()
     clean_logits = sweep.logits(clean)
     u_clean = top_left_singular_vector(clean)
@@ -196,6 +200,7 @@ def detect_safety_sahara(
         "group": names(group),
         "angles_by_step": angles_by_step,
         "prefix_tokens": sweep.prefix_length,
+        "precision": precision,
         "seconds": round(sweep_seconds, 2),
         "check": check,
     }

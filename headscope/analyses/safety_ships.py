@@ -20,6 +20,9 @@ Speed: one sweep (``headscope.probes.last_position.LastPositionSweep``) with
 the last position alone unembedded, the blocks below the ablated layer
 replayed and the chat prompts' shared prefix run once per head at batch 1;
 all exact (checked against the plain forward in tests/unit/test_safety.py).
+``precision="bfloat16"`` runs the sweep's matrix products in bfloat16
+(autocast): about 2.6x faster on CPUs with AVX-512 BF16, not exact (the
+scores move by a few percent; the README compares the rankings).
 
 The causal check (``check``, default on): greedy generation on held-out
 requests, clean, with the top-k heads ablated for each k in ``check_k``
@@ -65,9 +68,12 @@ from headscope.tables import HeadTable
 
 KL_EPS = 1e-12
 #: the sweep's batches: at most this many prompts and SWEEP_TOKENS padded tokens
-#: (prompts are sorted by length, so a batch pads little)
+#: (prompts are sorted by length, so a batch pads little). Narrow batches pad less:
+#: SmolLM2's 64 harmful-train chat prompts (2050 suffix tokens) pad to 2715 tokens in
+#: batches of 1024 and to 2218 in batches of 256, and a head at layer 0 took 4.4 s
+#: against 3.2 s (2 CPU cores); below 256 the smaller matrices cost more than the padding saved
 SWEEP_BATCH = 64
-SWEEP_TOKENS = 1024
+SWEEP_TOKENS = 256
 
 
 def require_causal(handle: ModelHandle) -> None:
@@ -89,7 +95,7 @@ def sweep_heads(
     advance: Callable[[int], None],
 ) -> Iterator[tuple[Sequence[Head], Tensor]]:
     """(head set, last-position hidden states [prompt, d_model]) with each set ablated."""
-    inputs = ("last-position sweep", digest(sweep.token_ids))
+    inputs = ("last-position sweep", digest(sweep.token_ids), sweep.precision)
     for heads in head_sets:
         ablation = make_ablation(heads)
         key = (*inputs, ablation_key(ablation))
@@ -136,6 +142,7 @@ def detect_safety_ships(
     ablation: str = "query_scale",
     top_k: int = 5,
     heads: str = "",
+    precision: str = "float32",
     check: bool = True,
     check_k: str = "1,3,5",
     check_harmful: str = "harmful-heldout",
@@ -162,7 +169,9 @@ def detect_safety_ships(
     token_ids = chat_token_ids(handle, requests)
     chosen = scored_heads(handle, heads)
     make_ablation = HeadAblations(handle, ablation, token_ids, batch_size=SWEEP_BATCH)
-    sweep = LastPositionSweep(handle, token_ids, batch_size=SWEEP_BATCH, max_tokens=SWEEP_TOKENS)
+    sweep = LastPositionSweep(
+        handle, token_ids, batch_size=SWEEP_BATCH, max_tokens=SWEEP_TOKENS, precision=precision
+    )
     clean_logits = sweep.logits(sweep.clean())
     advance = counter(on_progress, "safety ships: heads", len(chosen))
     ships = np.array(
@@ -197,6 +206,7 @@ def detect_safety_ships(
         "top_k": top_k,
         "heads": heads,
         "prefix_tokens": sweep.prefix_length,
+        "precision": precision,
         "seconds": round(sweep_seconds, 2),
         "check": check,
     }

@@ -19,6 +19,16 @@ same computation with three exact savings:
   length. The prefix is the longest common prefix of the token ids, kept at
   least one token shorter than the shortest prompt.
 
+Precision (``precision``): "float32" (default) runs the model as loaded.
+"bfloat16" runs the body under CPU/GPU autocast: matrix products in
+bfloat16, the residual stream, norms and the unembedding in float32. On CPUs
+with AVX-512 BF16 the products run about 4x faster (measured on this
+project's 2-core machine: 610 against 155 GFLOP/s), at the cost of
+bfloat16's rounding in every product; the clean and the ablated passes are
+rounded alike, so a no-op ablation still scores exactly 0. Not exact: the
+tests bound its difference from float32, and the README reports how Ships'
+ranking changes on SmolLM2.
+
 Ablations: anything ``headscope.probes.ablation.Ablation`` expresses whose
 effect at a position does not depend on that position: zero, pooled mean and
 query scaling. Per-position mean or resample references are refused (they
@@ -43,6 +53,9 @@ from headscope.probes.ablation import Ablation
 from headscope.probes.handle import ModelHandle
 from headscope.probes.replay import BlockReplay
 from headscope.probes.sites import block_sites
+
+#: ``precision`` values: the dtype matrix products run in (None: as loaded)
+PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16}
 
 
 def common_prefix_length(token_ids: Sequence[Sequence[int]]) -> int:
@@ -71,7 +84,8 @@ class LastPositionSweep:
     up to ``batch_size`` rows and ``max_tokens`` padded suffix tokens (one
     long prompt may exceed it alone), so batches pad little. ``share_prefix``
     and ``replay`` switch the two exact savings (see the module doc); the
-    plain path (both off) is one ordinary forward per batch.
+    plain path (both off) is one ordinary forward per batch. ``precision``:
+    "float32" or "bfloat16" (autocast; see the module doc).
     """
 
     def __init__(
@@ -80,14 +94,20 @@ class LastPositionSweep:
         token_ids: Sequence[Sequence[int]],
         *,
         batch_size: int = 64,
-        max_tokens: int = 1024,
+        max_tokens: int = 256,
         share_prefix: bool = True,
         replay: bool = True,
+        precision: str = "float32",
     ) -> None:
         if not token_ids or any(len(ids) == 0 for ids in token_ids):
             raise HeadscopeError("the sweep needs at least one prompt, each of at least one token")
         if batch_size < 1:
             raise HeadscopeError(f"batch size must be a positive integer, got {batch_size!r}")
+        if precision not in PRECISIONS:
+            raise HeadscopeError(
+                f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}"
+            )
+        self.precision = precision
         self.handle = handle
         self.token_ids = [list(map(int, ids)) for ids in token_ids]
         self.prefix_length = common_prefix_length(self.token_ids) if share_prefix else 0
@@ -134,7 +154,8 @@ class LastPositionSweep:
 
         cache = DynamicCache()
         ids = torch.tensor([self.token_ids[0][: self.prefix_length]], device=self.handle.device)
-        _body(self.handle.model)(input_ids=ids, cache=cache, use_cache=True)
+        with self._autocast():
+            _body(self.handle.model)(input_ids=ids, cache=cache, use_cache=True)
         return [(layer.keys, layer.values) for layer in cache.layers]
 
     def _run(
@@ -166,9 +187,16 @@ class LastPositionSweep:
                 cache=cache,
                 use_cache=True,
             )
-        hidden = _body(self.handle.model)(**kwargs).last_hidden_state
+        with self._autocast():
+            hidden = _body(self.handle.model)(**kwargs).last_hidden_state.float()
         last = mask.sum(1) - 1
         return hidden[torch.arange(rows, device=device), last.to(device)]
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.handle.device.type, dtype=dtype)
 
     @torch.inference_mode()
     def clean(self) -> Float[Tensor, "prompt d_model"]:

@@ -17,6 +17,7 @@ from headscope.analyses import get_detector
 from headscope.analyses.safety_common import HeadAblations
 from headscope.analyses.safety_sahara import principal_angle, top_left_singular_vector
 from headscope.analyses.safety_ships import chat_token_ids
+from headscope.errors import HeadscopeError
 from headscope.probes.ablation import Ablation
 from headscope.probes.last_position import (
     LastPositionSweep,
@@ -103,6 +104,35 @@ def test_fast_sweep_without_savings_is_the_same(plain_tiny):
     fast = fast.ablated(ablation)
     slow = LastPositionSweep(plain_tiny, token_ids, share_prefix=False, replay=False)
     assert torch.allclose(fast, slow.ablated(ablation), atol=1e-5)
+
+
+def test_bfloat16_sweep_is_close_and_scores_a_no_op_zero(plain_tiny):
+    token_ids = chat_token_ids(plain_tiny, HARMFUL[:6])
+    exact = LastPositionSweep(plain_tiny, token_ids)
+    rounded = LastPositionSweep(plain_tiny, token_ids, precision="bfloat16")
+    exact_clean = exact.logits(exact.clean())
+    rounded_clean = rounded.logits(rounded.clean())
+    assert rounded.clean().dtype == torch.float32
+    assert not torch.equal(exact_clean, rounded_clean)  # the products really were rounded
+    for head in ((0, 1), (1, 2)):
+        ablation = Ablation(method="zero", heads=(head,))
+        want = kl_divergence(exact_clean, exact.logits(exact.ablated(ablation))).mean()
+        got = kl_divergence(rounded_clean, rounded.logits(rounded.ablated(ablation))).mean()
+        assert float(got) == pytest.approx(float(want), rel=0.1, abs=1e-3)
+    # an ablation that changes nothing: both passes are rounded alike, so KL is 0
+    nothing = Ablation(method="zero", heads=())
+    same = rounded.logits(rounded.ablated(nothing))
+    assert float(kl_divergence(rounded_clean, same).max()) < 1e-6
+    with pytest.raises(HeadscopeError, match="precision"):
+        LastPositionSweep(plain_tiny, token_ids, precision="float8")
+
+
+def test_bfloat16_ships_still_ranks_the_planted_head_first(planted):
+    table = get_detector("safety_ships").run_experiment(
+        planted, harmful=HARMFUL + UNMARKED, n_prompts=16, check=False, precision="bfloat16"
+    )
+    assert table.params["precision"] == "bfloat16"
+    assert table.summary["top_heads"][0] == "L1H2"
 
 
 def test_principal_angle():
