@@ -127,9 +127,12 @@ def ships_block(table: HeadTable, top: int = 5) -> Block:
     ablation = p.get("ablation", "?")
     if ablation in ("query_scale", "query", "query_scaling") and "epsilon" in p:
         ablation = f"query x {float(p['epsilon']):g}"
+    precision = p.get("precision", "float32")
+    rounded = "" if precision == "float32" else f", {precision} products (not exact)"
     return Block(
         f"Ships on {table.prompt_set}: top {top} heads by mean KL(clean || ablated), nats "
-        f"({_flagged_count(table)}; ablation {ablation}, {p.get('n_prompts', '?')} prompts)",
+        f"({_flagged_count(table)}; ablation {ablation}, {p.get('n_prompts', '?')} prompts"
+        f"{rounded})",
         ("head", "Ships (nats)", "flagged", "evidence"),
         _top_rows(table, top, ".4g"),
     )
