@@ -147,19 +147,26 @@ def generation_check(
     runs = 2 + 2 * len(conditions) + random_draws * len(ks)
     advance = counter(on_progress, "safety check: generation runs", runs)
 
-    def generate(requests: list[str], heads: Sequence[Head] | None) -> list[list[int]]:
-        """Greedy new token ids (remembered per model, ablation and requests)."""
+    def under(heads: Sequence[Head] | None, key: tuple, work: Callable[[], Any]) -> Any:
+        """``work()`` with ``heads`` ablated (none: clean), remembered per model by
+        ``key`` and the ablation."""
         ablation = make_ablation(heads) if heads else None
 
-        def run() -> list[list[int]]:
-            scope = handle.ablated(ablation, bridge=False) if ablation else nullcontext()
-            with scope:
-                return greedy_token_ids(
-                    handle, requests, max_new_tokens=max_new_tokens, batch_size=batch_size
-                )
+        def run() -> Any:
+            with handle.ablated(ablation, bridge=False) if ablation else nullcontext():
+                return work()
 
-        key = ("greedy token ids", digest(requests), max_new_tokens, ablation_key(ablation))
-        ids = remembered(handle, key, run)
+        return remembered(handle, (*key, ablation_key(ablation)), run)
+
+    def generate(requests: list[str], heads: Sequence[Head] | None) -> list[list[int]]:
+        """Greedy new token ids."""
+        ids = under(
+            heads,
+            ("greedy token ids", digest(requests), max_new_tokens),
+            lambda: greedy_token_ids(
+                handle, requests, max_new_tokens=max_new_tokens, batch_size=batch_size
+            ),
+        )
         advance()
         return ids
 
@@ -168,16 +175,11 @@ def generation_check(
 
     def harmless_nll(heads: Sequence[Head] | None) -> float:
         """The clean harmless answers' NLL (nats/token) with ``heads`` ablated."""
-        ablation = make_ablation(heads) if heads else None
-
-        def run() -> float:
-            scope = handle.ablated(ablation, bridge=False) if ablation else nullcontext()
-            with scope:
-                return answer_nll(handle, harmless_requests, clean_answers)
-
-        key = ("answer nll", digest(harmless_requests), digest(clean_answers),
-               ablation_key(ablation))  # fmt: skip
-        return remembered(handle, key, run)
+        return under(
+            heads,
+            ("answer nll", digest(harmless_requests), digest(clean_answers)),
+            lambda: answer_nll(handle, harmless_requests, clean_answers),
+        )
 
     generations: list[dict[str, Any]] = []
 

@@ -21,7 +21,7 @@ the last position alone unembedded, the blocks below the ablated layer
 replayed and the chat prompts' shared prefix run once per head at batch 1;
 all exact (checked against the plain forward in tests/unit/test_safety.py).
 ``precision="bfloat16"`` runs the sweep's matrix products in bfloat16
-(autocast): about 2.6x faster on CPUs with AVX-512 BF16, not exact (the
+(autocast): about 2x faster on CPUs with AVX-512 BF16, not exact (the
 scores move by a few percent; the README compares the rankings).
 
 The causal check (``check``, default on): greedy generation on held-out
@@ -70,8 +70,8 @@ KL_EPS = 1e-12
 #: the sweep's batches: at most this many prompts and SWEEP_TOKENS padded tokens
 #: (prompts are sorted by length, so a batch pads little). Narrow batches pad less:
 #: SmolLM2's 64 harmful-train chat prompts (2050 suffix tokens) pad to 2715 tokens in
-#: batches of 1024 and to 2218 in batches of 256, and a head at layer 0 took 4.4 s
-#: against 3.2 s (2 CPU cores); below 256 the smaller matrices cost more than the padding saved
+#: batches of 1024 and to 2218 in batches of 256 (benchmarks/safety_sweep.py); narrower
+#: still, the smaller matrices and more batches cost about what the padding saves
 SWEEP_BATCH = 64
 SWEEP_TOKENS = 256
 

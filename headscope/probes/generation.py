@@ -26,6 +26,7 @@ import torch
 
 from headscope.errors import HeadscopeError
 from headscope.probes.handle import ModelHandle
+from headscope.probes.sites import model_body
 from headscope.progress import Progress, counter
 
 PLAIN_PROMPT = "User: {request}\nAssistant:"
@@ -185,7 +186,7 @@ def answer_nll(
         if len(answer)
     ]
     total, count = 0.0, 0
-    body = getattr(handle.model, "base_model", handle.model)
+    body = model_body(handle.model)
     unembed = handle.model.get_output_embeddings()
     with torch.inference_mode():
         for start in range(0, len(rows), batch_size):
@@ -204,10 +205,14 @@ def answer_nll(
                 where_pos += range(len(prompt) - 1, len(full) - 1)
                 targets += answer
             hidden = body(input_ids=tokens.to(device), attention_mask=mask.to(device))
-            picked = hidden.last_hidden_state[torch.tensor(where_row), torch.tensor(where_pos)]
+            picked = hidden.last_hidden_state[
+                torch.tensor(where_row, device=device), torch.tensor(where_pos, device=device)
+            ]
             logits = unembed(picked).float()
             log_probs = torch.log_softmax(logits, dim=-1)
-            chosen = log_probs[torch.arange(len(targets)), torch.tensor(targets, device=device)]
+            chosen = log_probs[
+                torch.arange(len(targets), device=device), torch.tensor(targets, device=device)
+            ]
             total -= float(chosen.sum())
             count += len(targets)
     return total / count if count else float("nan")

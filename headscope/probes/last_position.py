@@ -22,8 +22,8 @@ same computation with three exact savings:
 Precision (``precision``): "float32" (default) runs the model as loaded.
 "bfloat16" runs the body under CPU/GPU autocast: matrix products in
 bfloat16, the residual stream, norms and the unembedding in float32. On CPUs
-with AVX-512 BF16 the products run about 4x faster (measured on this
-project's 2-core machine: 610 against 155 GFLOP/s), at the cost of
+with AVX-512 BF16 the products run about 4x faster (``python
+benchmarks/safety_sweep.py --matmul`` prints both rates), at the cost of
 bfloat16's rounding in every product; the clean and the ablated passes are
 rounded alike, so a no-op ablation still scores exactly 0. Not exact: the
 tests bound its difference from float32, and the README reports how Ships'
@@ -52,7 +52,7 @@ from headscope.errors import HeadscopeError
 from headscope.probes.ablation import Ablation
 from headscope.probes.handle import ModelHandle
 from headscope.probes.replay import BlockReplay
-from headscope.probes.sites import block_sites
+from headscope.probes.sites import block_sites, model_body
 
 #: ``precision`` values: the dtype matrix products run in (None: as loaded)
 PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16}
@@ -69,11 +69,6 @@ def common_prefix_length(token_ids: Sequence[Sequence[int]]) -> int:
     while length < shortest - 1 and all(ids[length] == first[length] for ids in token_ids):
         length += 1
     return length
-
-
-def _body(model: torch.nn.Module) -> torch.nn.Module:
-    """The model without its unembedding (LlamaModel inside LlamaForCausalLM)."""
-    return getattr(model, "base_model", model)
 
 
 class LastPositionSweep:
@@ -155,7 +150,7 @@ class LastPositionSweep:
         cache = DynamicCache()
         ids = torch.tensor([self.token_ids[0][: self.prefix_length]], device=self.handle.device)
         with self._autocast():
-            _body(self.handle.model)(input_ids=ids, cache=cache, use_cache=True)
+            model_body(self.handle.model)(input_ids=ids, cache=cache, use_cache=True)
         return [(layer.keys, layer.values) for layer in cache.layers]
 
     def _run(
@@ -188,7 +183,7 @@ class LastPositionSweep:
                 use_cache=True,
             )
         with self._autocast():
-            hidden = _body(self.handle.model)(**kwargs).last_hidden_state.float()
+            hidden = model_body(self.handle.model)(**kwargs).last_hidden_state
         last = mask.sum(1) - 1
         return hidden[torch.arange(rows, device=device), last.to(device)]
 
@@ -269,5 +264,5 @@ def plain_last_hidden(
     with context:
         for ids in token_ids:
             tokens = torch.tensor([list(ids)], device=handle.device)
-            rows.append(_body(handle.model)(input_ids=tokens).last_hidden_state[0, -1])
+            rows.append(model_body(handle.model)(input_ids=tokens).last_hidden_state[0, -1])
     return torch.stack(rows)

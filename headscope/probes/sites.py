@@ -194,10 +194,15 @@ def zero_head_output_weight(sites: BlockSites, head: int, arch: ArchInfo) -> Non
             weight[:, head * dh : (head + 1) * dh] = 0
 
 
+def model_body(model: torch.nn.Module) -> torch.nn.Module:
+    """The model without its unembedding (LlamaModel inside LlamaForCausalLM): run it
+    alone to unembed only the positions a caller needs."""
+    return getattr(model, "base_model", model)
+
+
 def final_norm(model: torch.nn.Module) -> torch.nn.Module | None:
     """The norm applied before the unembedding (model.norm, ln_f), if any."""
-    base = getattr(model, "base_model", model)
-    return _first(base, "norm", "ln_f", "final_layernorm")
+    return _first(model_body(model), "norm", "ln_f", "final_layernorm")
 
 
 def unembedding(model: torch.nn.Module) -> Float[Tensor, "d_model vocab"]:
